@@ -1,0 +1,13 @@
+import logging, os, warnings
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+for _name in ("lightning.pytorch", "lightning.fabric", "lightning"): logging.getLogger(_name).setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    "A small shapes world (seed 0): split name -> JSONL path."
+    from vlwb.shapes import generate_shapes_world
+    return generate_shapes_world(tmp_path_factory.mktemp("world"), n_train=48, n_val=8, n_test=30, seed=0, progress=False)
