@@ -1,5 +1,6 @@
 import logging, os, warnings
 import pytest
+import lightning.pytorch  # noqa: F401  (its import sets its loggers' levels: quieten them after it)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 for _name in ("lightning.pytorch", "lightning.fabric", "lightning"): logging.getLogger(_name).setLevel(logging.ERROR)

@@ -30,7 +30,7 @@ def test_loader_reads_what_the_generator_wrote(world):
     for i in (0, 17, 47):
         rec, pixels = make_record("train", i, seed=0)
         item = ds[i]
-        assert item["captions"] == [rec["caption"]]
+        assert item["captions"] == rec["captions"] and item["captions"][0] == rec["caption"]
         assert item["meta"]["objects"] == rec["objects"]
         assert np.array_equal(np.asarray(load_image(ds.image_path(i))), pixels)
         # normalisation is undone exactly (up to rounding)
@@ -106,3 +106,11 @@ def test_missing_and_corrupt_images_are_named(tmp_path):
 def test_unknown_format_is_named(tmp_path):
     (tmp_path / "d.parquet").write_text("")
     with pytest.raises(ValueError, match="d.parquet"): read_records(tmp_path / "d.parquet")
+
+
+def test_caption_variants_always_name_every_shape(world):
+    for rec in read_records(world["train"]):
+        assert len(rec["captions"]) >= 2
+        for cap in rec["captions"]:
+            for o in rec["objects"]: assert o["shape"] in cap
+            assert all(c not in cap for c in COLORS if c not in {o["color"] for o in rec["objects"]})

@@ -12,7 +12,9 @@ __all__ = ['quickstart', 'main']
 
 # %% ../nbs/12_cli.ipynb #12-005
 def _quiet_lightning():
+    "Keep Lightning's banners and tips out of the command's output (errors still show)."
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import lightning.pytorch  # its import sets its loggers' levels, so quieten them after it
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"): logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LitLogger.*")
@@ -21,7 +23,7 @@ def quickstart(out="runs/quickstart", # run folder
                seed: int = 0, # the world, the initialisation and the data order follow from it
                n_train: int = 4000, # training images
                n_test: int = 900, # held-out images (about a third hold a single object, used for zero-shot)
-               steps: int = 300, # optimiser steps
+               steps: int = 480, # optimiser steps
                batch_size: int = 128,
                lr: float = 1e-3,
                model: str = "builtin:tiny",
@@ -74,7 +76,7 @@ def main(argv=None):
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--n-train", type=int, default=4000, help="training images")
     q.add_argument("--n-test", type=int, default=900, help="held-out images")
-    q.add_argument("--steps", type=int, default=300, help="optimiser steps")
+    q.add_argument("--steps", type=int, default=480, help="optimiser steps")
     q.add_argument("--batch-size", type=int, default=128)
     q.add_argument("--lr", type=float, default=1e-3)
     q.add_argument("--model", default="builtin:tiny", help="model to train, e.g. builtin:tiny or builtin:micro")

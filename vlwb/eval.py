@@ -61,8 +61,8 @@ def encode_dataset(model: VLModel, ds: ImageCaptionDataset, batch_size: int = 25
     return torch.cat(imgs), torch.cat(txts)
 
 # %% ../nbs/07_eval.ipynb #07-011
-SHAPE_TEMPLATES = ("a {}.",) + tuple(f"a {c} {{}}." for c in COLORS) + ("a small {}.", "a large {}.")
-COLOR_TEMPLATES = tuple(f"a {{}} {s}." for s in SHAPES)
+SHAPE_TEMPLATES = ("a {}",) + tuple(f"a {c} {{}}" for c in COLORS) + ("a small {}", "a large {}")
+COLOR_TEMPLATES = tuple(f"a {{}} {s}" for s in SHAPES)
 
 def evaluate_shapes(model: VLModel, path, # a shapes world split (JSONL written by `generate_shapes_world`)
                     batch_size: int = 256, progress: bool = True) -> dict:

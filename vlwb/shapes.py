@@ -15,8 +15,8 @@ from tqdm.auto import tqdm
 from .core import rng, atomic_write
 
 # %% auto #0
-__all__ = ['SHAPES', 'COLORS', 'SIZES', 'shape_mask', 'position_words', 'phrase', 'caption', 'sample_scene', 'render_scene',
-           'make_record', 'generate_shapes_world']
+__all__ = ['SHAPES', 'COLORS', 'SIZES', 'shape_mask', 'position_words', 'phrase', 'caption', 'caption_variants', 'sample_scene',
+           'render_scene', 'make_record', 'generate_shapes_world']
 
 # %% ../nbs/03_shapes.ipynb #03-005
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -44,16 +44,31 @@ def position_words(cx: float, cy: float, size: int) -> str:
     return v if h == "center" else f"{v} {h}"
 
 # %% ../nbs/03_shapes.ipynb #03-009
-def phrase(o: dict) -> str:
-    "The caption phrase of one object: 'a small red circle at the top left'."
-    where = o["position"]
-    return f"a {o['size']} {o['color']} {o['shape']} " + ("in the center" if where == "center" else
-                                                        f"on the {where}" if where in ("left", "right") else f"at the {where}")
+def phrase(o: dict, # an object: shape, color, size, position
+           keep=("size", "color", "position"), # the modifiers to say; the shape, the noun, is always said
+          ) -> str:
+    "The caption phrase of one object: 'a small red circle at the top left', or fewer modifiers: 'a red circle'."
+    words = ["a"] + [o[k] for k in ("size", "color") if k in keep] + [o["shape"]]
+    if "position" in keep:
+        where = o["position"]
+        words.append("in the center" if where == "center" else f"on the {where}" if where in ("left", "right") else f"at the {where}")
+    return " ".join(words)
 
-def caption(objects: list[dict]) -> str:
-    "One caption naming every object of a scene."
-    ps = [phrase(o) for o in objects]
+def caption(objects: list[dict], keep=("size", "color", "position")) -> str:
+    "One caption naming every object of a scene (with the modifiers in `keep`)."
+    ps = [phrase(o, keep) for o in objects]
     return ps[0] if len(ps) == 1 else ", ".join(ps[:-1]) + " and " + ps[-1]
+
+def caption_variants(objects: list[dict], g: np.random.Generator,
+                     n: int = 4, # how many
+                     p_keep: float = 0.5, # probability of saying each modifier
+                    ) -> list[str]:
+    "`n` captions of a scene, each saying every shape but only a random subset of the modifiers (each kept with `p_keep`)."
+    out = []
+    for _ in range(n):
+        keep = [k for k in ("size", "color", "position") if g.random() < p_keep]
+        out.append(caption(objects, keep))
+    return out
 
 def sample_scene(g: np.random.Generator, # the scene's own random stream
                  size: int = 64, # image side in pixels
@@ -95,7 +110,9 @@ def make_record(split: str, i: int, seed: int, size: int = 64, max_objects: int 
     scene = sample_scene(g, size, max_objects)
     img, _ = render_scene(scene, g)
     objects = [{k: o[k] for k in ("shape", "color", "size", "position", "box")} for o in scene["objects"]]
-    return {"image": f"images/{split}/{i:06d}.png", "caption": caption(scene["objects"]), "objects": objects,
+    full = caption(scene["objects"])
+    return {"image": f"images/{split}/{i:06d}.png", "caption": full,
+            "captions": list(dict.fromkeys([full] + caption_variants(scene["objects"], g))), "objects": objects,
             "split": split}, img
 
 def generate_shapes_world(out, # folder to write into

@@ -11,6 +11,7 @@ from typing import Mapping, Optional
 import torch
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 from .core import PairBatch, save_checkpoint, write_json
 from .models import create_model, VLModel
@@ -113,7 +114,8 @@ def make_trainer(out, # run folder: logs/ (CSV) and checkpoint/ go here
     if kwargs.get("precision") in ("16-mixed", "16", 16, "16-true") and kwargs.get("accelerator", "cpu") == "cpu":
         raise ValueError("fp16 on the CPU is not supported by vlwb: it is far slower than fp32 there; use precision='32'")
     kw = dict(accelerator="cpu", devices=1, max_steps=max_steps, logger=CSVLogger(out, name="logs", version=""),
-              callbacks=[SafetensorsCheckpoint(out / "checkpoint", save_every)], enable_checkpointing=False,
+              callbacks=[SafetensorsCheckpoint(out / "checkpoint", save_every)] + ([TQDMProgressBar()] if progress else []),
+              enable_checkpointing=False,
               enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=1, deterministic=True,
               num_sanity_val_steps=0)
     if val_every: kw.update(val_check_interval=val_every, check_val_every_n_epoch=None)
