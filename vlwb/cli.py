@@ -13,7 +13,6 @@ __all__ = ['quickstart', 'main']
 # %% ../nbs/12_cli.ipynb #12-005
 def _quiet_lightning():
     "Keep Lightning's banners and tips out of the command's output (errors still show)."
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lightning.pytorch  # its import sets its loggers' levels, so quieten them after it
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"): logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -86,10 +86,11 @@ class PairBatch:
     def caption_index(self) -> torch.Tensor:
         "For each image, the index of its first text of kind caption; raises if an image has none."
         is_cap = (self.text_kind == TextKind.caption) & (self.text_image >= 0)
-        idx = torch.full((self.n_images,), -1, dtype=torch.long, device=self.text_image.device)
-        pos = torch.arange(self.n_texts, device=self.text_image.device)
-        # scatter from the last text to the first so the first caption of each image wins
-        for p in pos[is_cap].flip(0).tolist(): idx[self.text_image[p]] = p
+        none = self.n_texts  # an index no text has
+        cand = torch.where(is_cap, torch.arange(self.n_texts, device=self.text_image.device), none)
+        idx = torch.full((self.n_images,), none, dtype=torch.long, device=self.text_image.device)
+        idx = idx.scatter_reduce(0, self.text_image.clamp(min=0), cand, reduce="amin")  # the first caption of each image
+        idx[idx == none] = -1
         if (idx < 0).any():
             raise ValueError(f"images {(idx < 0).nonzero().flatten().tolist()} have no text of kind caption in this batch")
         return idx
@@ -173,8 +174,10 @@ class UnsafeCheckpointError(ValueError):
     "Raised for a checkpoint vlwb will not load because loading it would unpickle code."
 
 def refuse_pickle(path):
-    "Raise `UnsafeCheckpointError` if the file at `path` is a pickle or a `torch.save` zip archive."
-    with open(path, "rb") as f: head = f.read(4)
+    "Raise `UnsafeCheckpointError` if the file at `path` is a pickle or a `torch.save` zip archive rather than safetensors."
+    with open(path, "rb") as f: head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path): return
     if head[:1] == b"\x80" or head[:2] == b"PK":
         raise UnsafeCheckpointError(
             f"{path} is a pickle or torch.save checkpoint; vlwb never unpickles files (they can run code). "
