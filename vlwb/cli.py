@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_cli.ipynb #12-003
 from __future__ import annotations
-import argparse, json, logging, os, sys, time, warnings
+import argparse, logging, time, warnings
 from pathlib import Path
 
 # %% auto #0
@@ -13,7 +13,7 @@ __all__ = ['quickstart', 'main']
 # %% ../nbs/12_cli.ipynb #12-005
 def _quiet_lightning():
     "Keep Lightning's banners and tips out of the command's output (errors still show)."
-    import lightning.pytorch  # its import sets its loggers' levels, so quieten them after it
+    import lightning.pytorch  # noqa: F401 (its import sets its loggers' levels, so quieten them after it)
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"): logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LitLogger.*")
@@ -30,7 +30,6 @@ def quickstart(out="runs/quickstart", # run folder
               ) -> dict:
     "Generate the shapes world, train `model` with `clip`, evaluate on the test split; returns the metrics."
     _quiet_lightning()
-    import torch
     from vlwb.core import seed_everything, write_json
     from vlwb.shapes import generate_shapes_world
     from vlwb.data import PairDataModule

@@ -5,10 +5,10 @@
 # %% ../nbs/00_core.ipynb #00-003
 from __future__ import annotations
 import json, os, random, tempfile
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch

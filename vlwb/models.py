@@ -5,9 +5,9 @@
 # %% ../nbs/04_models.ipynb #04-003
 from __future__ import annotations
 import math
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn as nn

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #06-003
 from __future__ import annotations
-import math, time
+import math
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -13,7 +13,7 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from .core import PairBatch, save_checkpoint, write_json
+from .core import PairBatch, save_checkpoint
 from .models import create_model, VLModel
 from .losses import Objectives
 
