@@ -17,6 +17,7 @@ def _quiet_lightning():
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"): logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LitLogger.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")  # a deprecation inside Lightning itself
 
 def quickstart(out="runs/quickstart", # run folder
                seed: int = 0, # the world, the initialisation and the data order follow from it
