@@ -1,15 +1,16 @@
-import logging, os
+import os
 import pytest
-import lightning.pytorch  # noqa: F401  (its import sets its loggers' levels: quieten them after it)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-for _name in ("lightning.pytorch", "lightning.fabric", "lightning"): logging.getLogger(_name).setLevel(logging.ERROR)
+from vlwb.train import quiet_lightning  # noqa: E402
+
+quiet_lightning()
 
 
 def pytest_configure(config):
-    config.addinivalue_line("filterwarnings", "ignore:.*does not have many workers")  # loading in-process is the CPU default
-    config.addinivalue_line("filterwarnings", "ignore:.*LeafSpec.*")  # a deprecation inside Lightning itself
-    config.addinivalue_line("filterwarnings", "ignore:Total length of `list` across ranks is zero")  # runs without validation data
+    # pytest resets warning filters for every test: repeat quiet_lightning's as ini lines
+    for pattern in ("does not have many workers", "LeafSpec", "Total length of `list` across ranks is zero"):
+        config.addinivalue_line("filterwarnings", f"ignore:.*{pattern}")
 
 
 @pytest.fixture(scope="session")

@@ -4,21 +4,13 @@
 
 # %% ../nbs/12_cli.ipynb #12-003
 from __future__ import annotations
-import argparse, logging, time, warnings
+import argparse, time
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['quickstart', 'main']
 
 # %% ../nbs/12_cli.ipynb #12-005
-def _quiet_lightning():
-    "Keep Lightning's banners and tips out of the command's output (errors still show)."
-    import lightning.pytorch  # noqa: F401 (its import sets its loggers' levels, so quieten them after it)
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"): logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LitLogger.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")  # a deprecation inside Lightning itself
-
 def quickstart(out="runs/quickstart", # run folder
                seed: int = 0, # the world, the initialisation and the data order follow from it
                n_train: int = 4000, # training images
@@ -30,11 +22,11 @@ def quickstart(out="runs/quickstart", # run folder
                progress: bool = True, # progress bars
               ) -> dict:
     "Generate the shapes world, train `model` with `clip`, evaluate on the test split; returns the metrics."
-    _quiet_lightning()
     from vlwb.core import seed_everything, write_json
     from vlwb.shapes import generate_shapes_world
     from vlwb.data import PairDataModule
-    from vlwb.train import VLModule, make_trainer
+    from vlwb.train import VLModule, make_trainer, quiet_lightning
+    quiet_lightning()
     from vlwb.eval import evaluate_shapes
     out = Path(out)
     t0 = time.time()

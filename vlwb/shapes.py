@@ -15,13 +15,14 @@ from tqdm.auto import tqdm
 from .core import rng, atomic_write
 
 # %% auto #0
-__all__ = ['SHAPES', 'COLORS', 'SIZES', 'shape_mask', 'position_words', 'phrase', 'caption', 'caption_variants', 'sample_scene',
-           'render_scene', 'make_record', 'generate_shapes_world']
+__all__ = ['SHAPES', 'COLORS', 'MODIFIERS', 'SIZES', 'shape_mask', 'position_words', 'phrase', 'caption', 'caption_variants',
+           'sample_scene', 'render_scene', 'make_record', 'generate_shapes_world']
 
 # %% ../nbs/03_shapes.ipynb #03-005
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLORS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 220),
           "yellow": (235, 200, 35), "purple": (140, 60, 190), "orange": (245, 135, 25)}
+MODIFIERS = ("size", "color", "position") # what a caption may say of an object besides its shape
 SIZES = {"small": (5.0, 7.5), "large": (9.5, 13.0)} # radius range in pixels at 64x64, scaled with the image
 
 def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
@@ -45,7 +46,7 @@ def position_words(cx: float, cy: float, size: int) -> str:
 
 # %% ../nbs/03_shapes.ipynb #03-009
 def phrase(o: dict, # an object: shape, color, size, position
-           keep=("size", "color", "position"), # the modifiers to say; the shape, the noun, is always said
+           keep=MODIFIERS, # the modifiers to say; the shape, the noun, is always said
           ) -> str:
     "The caption phrase of one object: 'a small red circle at the top left', or fewer modifiers: 'a red circle'."
     words = ["a"] + [o[k] for k in ("size", "color") if k in keep] + [o["shape"]]
@@ -54,7 +55,7 @@ def phrase(o: dict, # an object: shape, color, size, position
         words.append("in the center" if where == "center" else f"on the {where}" if where in ("left", "right") else f"at the {where}")
     return " ".join(words)
 
-def caption(objects: list[dict], keep=("size", "color", "position")) -> str:
+def caption(objects: list[dict], keep=MODIFIERS) -> str:
     "One caption naming every object of a scene (with the modifiers in `keep`)."
     ps = [phrase(o, keep) for o in objects]
     return ps[0] if len(ps) == 1 else ", ".join(ps[:-1]) + " and " + ps[-1]
@@ -66,7 +67,7 @@ def caption_variants(objects: list[dict], g: np.random.Generator,
     "`n` captions of a scene, each saying every shape but only a random subset of the modifiers (each kept with `p_keep`)."
     out = []
     for _ in range(n):
-        keep = [k for k in ("size", "color", "position") if g.random() < p_keep]
+        keep = [k for k in MODIFIERS if g.random() < p_keep]
         out.append(caption(objects, keep))
     return out
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #06-003
 from __future__ import annotations
-import math
+import logging, math, warnings
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -18,7 +18,8 @@ from .models import create_model, VLModel
 from .losses import Objectives
 
 # %% auto #0
-__all__ = ['in_batch_accuracy', 'warmup_cosine', 'no_decay', 'VLModule', 'SafetensorsCheckpoint', 'make_trainer']
+__all__ = ['in_batch_accuracy', 'warmup_cosine', 'no_decay', 'VLModule', 'SafetensorsCheckpoint', 'quiet_lightning',
+           'make_trainer']
 
 # %% ../nbs/06_train.ipynb #06-005
 def in_batch_accuracy(img_embed: torch.Tensor, text_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,6 +102,14 @@ class SafetensorsCheckpoint(L.Callback):
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0: self.save(trainer, module)
 
     def on_train_end(self, trainer, module): self.save(trainer, module)
+
+def quiet_lightning():
+    "Keep Lightning's banners, tips and its own deprecation notices out of the output (errors still show)."
+    import lightning.pytorch  # noqa: F401 (its import sets its loggers' levels, so quieten them after it)
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"): logging.getLogger(name).setLevel(logging.ERROR)
+    for pattern in (".*does not have many workers.*", ".*LitLogger.*", ".*LeafSpec.*",
+                    ".*Total length of `list` across ranks is zero.*"):
+        warnings.filterwarnings("ignore", pattern)
 
 def make_trainer(out, # run folder: logs/ (CSV) and checkpoint/ go here
                  max_steps: int = 1000, # optimiser steps
