@@ -9,7 +9,8 @@ quiet_lightning()
 
 def pytest_configure(config):
     # pytest resets warning filters for every test: repeat quiet_lightning's as ini lines
-    for pattern in ("does not have many workers", "LeafSpec", "Total length of `list` across ranks is zero"):
+    for pattern in ("does not have many workers", "LeafSpec", "Total length of `list` across ranks is zero",
+                    "train_dataloader yielded None"):
         config.addinivalue_line("filterwarnings", f"ignore:.*{pattern}")
 
 

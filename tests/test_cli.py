@@ -39,3 +39,28 @@ def test_shapes_command_writes_splits(tmp_path):
 def test_unknown_command_fails_with_usage():
     r = _vlwb("nonsense")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_data_check_prints_counts_by_reason(tmp_path):
+    from PIL import Image
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    lines = [{"image": "ok.png", "caption": "red"}, {"image": "bad.png", "caption": "x"}, {"image": "gone.png", "caption": "y"},
+             {"image": "ok.png", "caption": ""}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n{broken\n")
+    r = _vlwb("data", "check", str(tmp_path / "d.jsonl"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "5 records, 1 good, 4 skipped" in r.stdout
+    for reason in ("not an image", "missing image", "empty caption", "bad JSON line"): assert f"1  {reason}" in r.stdout
+    r = _vlwb("data", "check", str(tmp_path / "d.jsonl"), "--json")
+    assert json.loads(r.stdout)["skipped"] == {"not an image": 1, "missing image": 1, "empty caption": 1, "bad JSON line": 1}
+
+
+def test_data_check_of_shards_and_samples(tmp_path):
+    r = _vlwb("shapes", str(tmp_path / "w"), "--n-train", "12", "--n-val", "0", "--n-test", "0", "--shard-size", "5")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _vlwb("data", "check", str(tmp_path / "w" / "shards" / "train-*.tar"))
+    assert r.returncode == 0 and "12 records, 12 good, 0 skipped" in r.stdout, r.stdout + r.stderr[-2000:]
+    samples = os.path.join(os.path.dirname(__file__), "..", "data", "skimage_samples.jsonl")
+    r = _vlwb("data", "check", samples)
+    assert r.returncode == 0 and "19 records, 19 good, 0 skipped" in r.stdout, r.stdout + r.stderr[-2000:]

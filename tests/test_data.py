@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vlwb.data import ImageCaptionDataset, PairCollate, read_records, load_image, tensor_to_image
+from vlwb.data import ImageCaptionDataset, PairCollate, BadSample, read_records, load_image, tensor_to_image
 from vlwb.shapes import generate_shapes_world, make_record, SHAPES, COLORS
-from vlwb.text import Tokenizer
+from vlwb.text import Tokenizer, split_sentences
 
 
 def _digest(folder):
@@ -28,18 +28,20 @@ def test_loader_reads_what_the_generator_wrote(world):
     ds = ImageCaptionDataset(world["train"], image_size=64)
     assert len(ds) == 48
     for i in (0, 17, 47):
-        rec, pixels = make_record("train", i, seed=0)
+        rec, pixels, labels = make_record("train", i, seed=0)
         item = ds[i]
         assert item["captions"] == rec["captions"] and item["captions"][0] == rec["caption"]
         assert item["meta"]["objects"] == rec["objects"]
         assert np.array_equal(np.asarray(load_image(ds.image_path(i))), pixels)
         # normalisation is undone exactly (up to rounding)
         assert np.abs(np.asarray(tensor_to_image(item["image"]), int) - pixels.astype(int)).max() <= 1
+        # masks come back as the generator drew them, one per object, in the record's order
+        assert torch.equal(item["masks"], torch.from_numpy(labels[None] == np.arange(1, len(rec["objects"]) + 1)[:, None, None]))
 
 
 def test_records_name_their_objects(world):
     for rec in read_records(world["test"]):
-        assert 1 <= len(rec["objects"]) <= 3
+        assert 1 <= len(rec["objects"]) <= 4
         for o in rec["objects"]:
             assert o["shape"] in SHAPES and o["color"] in COLORS
             assert f"{o['color']} {o['shape']}" in rec["caption"]
@@ -98,9 +100,12 @@ def test_bad_json_line_is_named(tmp_path):
 def test_missing_and_corrupt_images_are_named(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"image": n, "caption": "c"}) for n in ["gone.png", "broken.png"]))
-    ds = ImageCaptionDataset(tmp_path / "d.jsonl")
-    with pytest.raises(FileNotFoundError, match="gone.png"): ds[0]
-    with pytest.raises(ValueError, match="broken.png"): ds[1]
+    ds = ImageCaptionDataset(tmp_path / "d.jsonl", skip_bad=False)
+    with pytest.raises(BadSample, match="gone.png"): ds[0]
+    with pytest.raises(BadSample, match="broken.png"): ds[1]
+    lenient = ImageCaptionDataset(tmp_path / "d.jsonl")
+    assert lenient[0] is None and lenient[1] is None
+    assert lenient.skipped == {"missing image": 1, "not an image": 1}
 
 
 def test_unknown_format_is_named(tmp_path):
@@ -114,3 +119,21 @@ def test_caption_variants_always_name_every_shape(world):
         for cap in rec["captions"]:
             for o in rec["objects"]: assert o["shape"] in cap
             assert all(c not in cap for c in COLORS if c not in {o["color"] for o in rec["objects"]})
+
+
+def test_real_sample_photos_load_with_their_texts():
+    from pathlib import Path
+    from vlwb.data import skimage_path
+    path = Path(__file__).parent.parent / "data" / "skimage_samples.jsonl"
+    ds = ImageCaptionDataset(path, image_size=32)
+    assert len(ds) == 19 and not ds.skipped
+    modes = {Image.open(skimage_path(r["image"][len("skimage:"):])).mode for r in ds.records}
+    assert {"RGB", "L", "RGBA"} <= modes # real files of every common mode, all decoded to RGB
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["image"].shape == (3, 32, 32)
+        r = ds.records[i]
+        assert r["captions"] and 3 <= len(split_sentences(r["long"])) <= 5 and r["negatives"]
+        assert all(n["text"] != r["captions"][0] for n in r["negatives"])
+    b = PairCollate(Tokenizer(32), train=False, n_subcaptions=2, n_negatives=1)([ds[i] for i in range(4)])
+    assert b.n_images == 4 and (b.text_image == -1).sum() == 4

@@ -13,6 +13,7 @@ from .core import l2norm
 from .data import ImageCaptionDataset, PairCollate
 from .models import VLModel
 from .shapes import SHAPES, COLORS
+from .text import fix_articles
 
 # %% auto #0
 __all__ = ['SHAPE_TEMPLATES', 'COLOR_TEMPLATES', 'zeroshot_classifier', 'topk_accuracy', 'retrieval_recall', 'encode_dataset',
@@ -23,11 +24,11 @@ __all__ = ['SHAPE_TEMPLATES', 'COLOR_TEMPLATES', 'zeroshot_classifier', 'topk_ac
 def zeroshot_classifier(model: VLModel, classnames: Sequence[str], # the classes, as words
                         templates: Sequence[str] = ("a photo of a {}.",), # prompts with `{}` for the class name
                        ) -> torch.Tensor:
-    "Class weights `[C,D]`: the normalised mean text embedding of each class's prompts (CLIP's prompt ensembling)."
+    "Class weights `[C,D]`: the normalised mean text embedding of each class's prompts (CLIP's prompt ensembling; 'a'/'an' made to agree)."
     if not classnames: raise ValueError("zero-shot classification needs at least one class name")
     if not templates or any("{}" not in t for t in templates): raise ValueError(f"every template needs a '{{}}': {list(templates)}")
     model.eval()
-    return torch.stack([l2norm(model.encode_text([t.format(c) for t in templates]).embed.mean(0)) for c in classnames])
+    return torch.stack([l2norm(model.encode_text([fix_articles(t.format(c)) for t in templates]).embed.mean(0)) for c in classnames])
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     "Fraction of rows whose label is among the `k` largest logits."

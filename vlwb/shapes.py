@@ -4,8 +4,12 @@
 
 # %% ../nbs/03_shapes.ipynb #03-003
 from __future__ import annotations
-import json
+import io, json, os
+from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
+from multiprocessing import get_context
 from pathlib import Path
+from statistics import NormalDist
 from typing import Optional
 
 import numpy as np
@@ -13,10 +17,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .core import rng, atomic_write
+from .text import indefinite
+from .data import ShardWriter, encode_png
 
 # %% auto #0
-__all__ = ['SHAPES', 'COLORS', 'MODIFIERS', 'SIZES', 'shape_mask', 'position_words', 'phrase', 'caption', 'caption_variants',
-           'sample_scene', 'render_scene', 'make_record', 'generate_shapes_world']
+__all__ = ['SHAPES', 'COLORS', 'MODIFIERS', 'SIZES', 'RELATIONS', 'NEGATIVE_KINDS', 'shape_mask', 'position_words', 'relation',
+           'sample_scene', 'render_scene', 'object_masks', 'phrase', 'caption', 'caption_variants', 'relation_caption',
+           'short_captions', 'long_caption', 'matches', 'relation_holds', 'scene_negatives', 'make_record',
+           'generate_shapes_world']
 
 # %% ../nbs/03_shapes.ipynb #03-005
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -24,18 +32,33 @@ COLORS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 220),
           "yellow": (235, 200, 35), "purple": (140, 60, 190), "orange": (245, 135, 25)}
 MODIFIERS = ("size", "color", "position") # what a caption may say of an object besides its shape
 SIZES = {"small": (5.0, 7.5), "large": (9.5, 13.0)} # radius range in pixels at 64x64, scaled with the image
+RELATIONS = ("to the left of", "to the right of", "above", "below")
+NEGATIVE_KINDS = ("swap_attribute", "swap_relation", "replace_object", "replace_attribute")
 
-def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
-    "Boolean `[size,size]` mask of `shape` centred at `(cx,cy)` with radius `r` (pixels)."
+@lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    "Pixel-centre coordinates `(y, x)` of a `size`x`size` image."
     y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    dx, dy = x - cx, y - cy
+    return y, x
+
+def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     if shape == "circle": return dx * dx + dy * dy <= r * r
     if shape == "square": return (np.abs(dx) <= r * .85) & (np.abs(dy) <= r * .85)
-    if shape == "diamond": return np.abs(dx) + np.abs(dy) <= r * 1.1
+    if shape == "diamond": return np.abs(dx) + np.abs(dy) <= r
     if shape == "cross": return ((np.abs(dx) <= r / 3) & (np.abs(dy) <= r)) | ((np.abs(dy) <= r / 3) & (np.abs(dx) <= r))
     if shape == "triangle": # apex up, base at the bottom: inside when below both sides and above the base
         return (dy <= r * .8) & (dy >= -r + 1.8 * np.abs(dx))
     raise KeyError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+
+def shape_mask(shape: str, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    "Boolean `[size,size]` mask of `shape` centred at `(cx,cy)` with radius `r` (pixels)."
+    y, x = _grid(size)
+    return _inside(shape, x - cx, y - cy, r)
+
+def _window(cx: float, cy: float, r: float, size: int) -> tuple[slice, slice]:
+    "Rows and columns of the image that can hold a shape of radius `r` at `(cx,cy)`."
+    return (slice(max(int(cy - r) - 1, 0), min(int(cy + r) + 2, size)),
+            slice(max(int(cx - r) - 1, 0), min(int(cx + r) + 2, size)))
 
 def position_words(cx: float, cy: float, size: int) -> str:
     "Rough position of a point as words: 'top left', 'bottom', 'center', ..."
@@ -44,15 +67,79 @@ def position_words(cx: float, cy: float, size: int) -> str:
     if v == "middle": return "center" if h == "center" else h
     return v if h == "center" else f"{v} {h}"
 
+def relation(a: dict, b: dict) -> str:
+    "Where object `a` is relative to `b`, along the axis their centres differ most: 'to the left of', 'above', ..."
+    dx, dy = a["center"][0] - b["center"][0], a["center"][1] - b["center"][1]
+    if abs(dx) >= abs(dy): return RELATIONS[0] if dx < 0 else RELATIONS[1]
+    return RELATIONS[2] if dy < 0 else RELATIONS[3]
+
 # %% ../nbs/03_shapes.ipynb #03-009
+def sample_scene(g: np.random.Generator, # the scene's own random stream
+                 size: int = 64, # image side in pixels
+                 max_objects: int = 4, # objects per scene: uniform in 1..max_objects
+                 n_objects: Optional[int] = None, # force this many objects
+                ) -> dict:
+    "Draw a scene: its objects (shape, colour, size, centre, radius, box, position)."
+    n = n_objects or int(g.integers(1, max_objects + 1))
+    scale, margin = size / 64, 2 * size / 64
+    objects = []
+    for _ in range(4): # proposals are drawn in blocks of 32; four blocks place four objects in practice always
+        sz, shape, color = g.integers(0, 2, 32), g.integers(0, len(SHAPES), 32), g.integers(0, len(COLORS), 32)
+        u = g.random((32, 3))
+        for k in range(32):
+            if len(objects) == n: break
+            size_name = ("small", "large")[sz[k]]
+            lo, hi = SIZES[size_name]
+            r = (lo + (hi - lo) * u[k, 0]) * scale
+            cx, cy = r + 1 + (size - 2 * r - 2) * u[k, 1], r + 1 + (size - 2 * r - 2) * u[k, 2]
+            box = (cx - r, cy - r, cx + r, cy + r)
+            if any(box[0] < b[2] + margin and b[0] < box[2] + margin and box[1] < b[3] + margin and b[1] < box[3] + margin
+                   for b in (o["box"] for o in objects)): continue
+            objects.append({"shape": SHAPES[shape[k]], "color": list(COLORS)[color[k]], "size": size_name,
+                            "center": [round(float(cx), 2), round(float(cy), 2)], "radius": float(r),
+                            "box": [round(float(v), 2) for v in box], "position": position_words(cx, cy, size)})
+        if len(objects) == n: break
+    return {"objects": objects, "background": int(g.integers(200, 246)), "size": size}
+
+_COLOR_TABLE = np.array(list(COLORS.values()), np.int16)
+_COLOR_INDEX = {c: k for k, c in enumerate(COLORS)}
+# background noise: a random byte per pixel mapped through the quantiles of N(0, 4), clipped at +-9 (fast, and Gaussian)
+_NOISE = np.array([round(NormalDist(0, 4).inv_cdf((k + .5) / 256)) for k in range(256)]).clip(-9, 9).astype(np.int16)
+
+def render_scene(scene: dict, g: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    "Pixels `[H,W,3]` uint8 and the label map `[H,W]` uint8 (0 background, k+1 object k) of a sampled scene."
+    size = scene["size"]
+    grey = (_NOISE + scene["background"]).astype(np.uint8) # 200..246 +-9 stays inside 0..255
+    img = np.repeat(grey[np.frombuffer(g.bytes(size * size), np.uint8)].reshape(size, size, 1), 3, 2)
+    labels = np.zeros((size, size), np.uint8)
+    y, x = _grid(size)
+    jitter = g.integers(-15, 16, (len(scene["objects"]), 3))
+    for k, o in enumerate(scene["objects"]):
+        cx, cy = o["center"]
+        rows, cols = _window(cx, cy, o["radius"], size)
+        m = _inside(o["shape"], x[rows, cols] - cx, y[rows, cols] - cy, o["radius"])
+        labels[rows, cols][m] = k + 1
+        img[rows, cols][m] = (_COLOR_TABLE[_COLOR_INDEX[o["color"]]] + jitter[k]).clip(0, 255).astype(np.uint8)
+    return img, labels
+
+def object_masks(labels: np.ndarray, n_objects: int) -> np.ndarray:
+    "Boolean masks `[K,H,W]` of the objects of a label map."
+    return labels[None] == np.arange(1, n_objects + 1, dtype=labels.dtype)[:, None, None]
+
+# %% ../nbs/03_shapes.ipynb #03-012
 def phrase(o: dict, # an object: shape, color, size, position
            keep=MODIFIERS, # the modifiers to say; the shape, the noun, is always said
+           article: bool = True, # start with 'a'/'an'
           ) -> str:
-    "The caption phrase of one object: 'a small red circle at the top left', or fewer modifiers: 'a red circle'."
-    words = ["a"] + [o[k] for k in ("size", "color") if k in keep] + [o["shape"]]
+    "The caption phrase of one object: 'a small red circle at the top left', or fewer modifiers: 'an orange circle'."
+    return _phrase(o["shape"], o.get("color"), o.get("size"), o.get("position"), tuple(keep), article)
+
+@lru_cache(maxsize=4096)
+def _phrase(shape, color, size, position, keep, article) -> str:
+    words = [v for k, v in (("size", size), ("color", color)) if k in keep] + [shape]
+    if article: words.insert(0, indefinite(words[0]))
     if "position" in keep:
-        where = o["position"]
-        words.append("in the center" if where == "center" else f"on the {where}" if where in ("left", "right") else f"at the {where}")
+        words.append("in the center" if position == "center" else f"on the {position}" if position in ("left", "right") else f"at the {position}")
     return " ".join(words)
 
 def caption(objects: list[dict], keep=MODIFIERS) -> str:
@@ -65,78 +152,155 @@ def caption_variants(objects: list[dict], g: np.random.Generator,
                      p_keep: float = 0.5, # probability of saying each modifier
                     ) -> list[str]:
     "`n` captions of a scene, each saying every shape but only a random subset of the modifiers (each kept with `p_keep`)."
-    out = []
-    for _ in range(n):
-        keep = [k for k in MODIFIERS if g.random() < p_keep]
-        out.append(caption(objects, keep))
+    keeps = g.random((n, len(MODIFIERS))) < p_keep
+    return [caption(objects, [k for k, on in zip(MODIFIERS, row) if on]) for row in keeps]
+
+def relation_caption(a: dict, b: dict, rel: Optional[str] = None) -> str:
+    "'a red circle to the left of a blue square': two objects (colour and shape) and the relation of the first to the second."
+    return f"{phrase(a, ('color',))} {rel or relation(a, b)} {phrase(b, ('color',))}"
+
+def short_captions(objects: list[dict]) -> list[str]:
+    "Each object (size, colour, shape), and each neighbouring pair's relation."
+    return ([phrase(o, ("size", "color")) for o in objects] +
+            [relation_caption(a, b) for a, b in zip(objects, objects[1:])])
+
+_COUNT = ("no", "one", "two", "three", "four", "five", "six")
+
+def _tone(level: int) -> str: return "light grey" if level >= 225 else "grey"
+
+def long_caption(objects: list[dict], background: int = 230) -> str:
+    "A detailed caption: the count, one sentence per object, the neighbouring pairs' relations (3 to 8 sentences)."
+    n = len(objects)
+    s = [f"There {'is' if n == 1 else 'are'} {_COUNT[n]} object{'' if n == 1 else 's'}."]
+    for o in objects:
+        s.append(f"{phrase(o, ('size', 'color')).capitalize()} is {phrase(o, ('position',), article=False).split(' ', 1)[1]}.")
+    for a, b in zip(objects, objects[1:]):
+        rel = relation(a, b)
+        s.append(f"{phrase(a, ('color',)).capitalize()} is {rel} {phrase(b, ('color',))}.")
+    if n < 4: s.append(f"The background is {_tone(background)}.")
+    return " ".join(s)
+
+# %% ../nbs/03_shapes.ipynb #03-015
+def matches(o: dict, desc: dict) -> bool:
+    "Does object `o` fit the description `desc` (e.g. `{'color': 'red', 'shape': 'circle'}`)?"
+    return all(o[k] == v for k, v in desc.items())
+
+def _present(objects, desc) -> bool: return any(matches(o, desc) for o in objects)
+
+def relation_holds(objects: list[dict], a: dict, rel: str, b: dict) -> bool:
+    "Is some object fitting description `a` in relation `rel` to another object fitting `b`?"
+    return any(matches(x, a) and matches(y, b) and relation(x, y) == rel
+               for i, x in enumerate(objects) for j, y in enumerate(objects) if i != j)
+
+def _desc(o, keys=("color", "shape")): return {k: o[k] for k in keys}
+
+def scene_negatives(objects: list[dict], g: np.random.Generator) -> list[dict]:
+    "One negative of each kind the scene allows: dicts with `text`, `kind` and the `positive` it perturbs."
+    out, n = [], len(objects)
+    pairs = [(int(i), int(j)) for i, j in g.permutation([(i, j) for i in range(n) for j in range(n) if i < j]).reshape(-1, 2)] if n > 1 else []
+    for i, j in pairs: # swap_attribute: colours bound to the other shapes
+        a, b = objects[i], objects[j]
+        if a["color"] == b["color"] or a["shape"] == b["shape"]: continue
+        if _present(objects, {"color": b["color"], "shape": a["shape"]}) and _present(objects, {"color": a["color"], "shape": b["shape"]}): continue
+        swapped_a, swapped_b = dict(a, color=b["color"]), dict(b, color=a["color"])
+        out.append({"text": f"{phrase(swapped_a, ('color',))} and {phrase(swapped_b, ('color',))}", "kind": "swap_attribute",
+                    "positive": f"{phrase(a, ('color',))} and {phrase(b, ('color',))}"}); break
+    for i, j in pairs: # swap_relation: the arguments exchanged
+        a, b = objects[i], objects[j]
+        if _desc(a) == _desc(b): continue
+        rel = relation(a, b)
+        if relation_holds(objects, _desc(b), rel, _desc(a)): continue
+        out.append({"text": relation_caption(b, a, rel), "kind": "swap_relation", "positive": relation_caption(a, b)}); break
+    order = [int(k) for k in g.permutation(n)]
+    for attr, kind, values in (("shape", "replace_object", SHAPES), ("color", "replace_attribute", tuple(COLORS))):
+        done = False
+        for k in order:
+            o = objects[k]
+            for v in g.permutation(values):
+                alt = dict(o, **{attr: str(v)})
+                if v == o[attr] or _present(objects, _desc(alt, ("size", "color", "shape"))): continue
+                out.append({"text": phrase(alt, ("size", "color")), "kind": kind, "positive": phrase(o, ("size", "color"))})
+                done = True; break
+            if done: break
     return out
 
-def sample_scene(g: np.random.Generator, # the scene's own random stream
-                 size: int = 64, # image side in pixels
-                 max_objects: int = 3, # objects per scene: uniform in 1..max_objects
-                 n_objects: Optional[int] = None, # force this many objects
-                ) -> dict:
-    "Draw a scene: its objects (shape, colour, size, centre, radius, box, position)."
-    n = n_objects or int(g.integers(1, max_objects + 1))
-    scale = size / 64
-    objects, tries = [], 0
-    while len(objects) < n and tries < 100:
-        tries += 1
-        sz = ("small", "large")[int(g.integers(2))]
-        r = float(g.uniform(*SIZES[sz])) * scale
-        cx, cy = g.uniform(r + 1, size - r - 1, 2)
-        box = [cx - r, cy - r, cx + r, cy + r]
-        m = 2 * scale
-        if any(box[0] < b[2] + m and b[0] < box[2] + m and box[1] < b[3] + m and b[1] < box[3] + m
-               for b in (o["box"] for o in objects)): continue
-        objects.append({"shape": SHAPES[int(g.integers(len(SHAPES)))], "color": list(COLORS)[int(g.integers(len(COLORS)))],
-                        "size": sz, "center": [float(cx), float(cy)], "radius": r,
-                        "box": [round(float(v), 2) for v in box], "position": position_words(cx, cy, size)})
-    return {"objects": objects, "background": int(g.integers(200, 246)), "size": size}
-
-def render_scene(scene: dict, g: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    "Pixels `[H,W,3]` uint8 and object masks `[K,H,W]` bool of a sampled scene."
-    size = scene["size"]
-    img = np.full((size, size, 3), scene["background"], np.float32) + g.normal(0, 4, (size, size, 1)).astype(np.float32)
-    masks = np.zeros((len(scene["objects"]), size, size), bool)
-    for k, o in enumerate(scene["objects"]):
-        masks[k] = shape_mask(o["shape"], *o["center"], o["radius"], size)
-        img[masks[k]] = np.array(COLORS[o["color"]], np.float32) + g.integers(-15, 16, 3)
-    return img.clip(0, 255).astype(np.uint8), masks
-
-# %% ../nbs/03_shapes.ipynb #03-012
-def make_record(split: str, i: int, seed: int, size: int = 64, max_objects: int = 3) -> tuple[dict, np.ndarray]:
-    "The record and pixels of image `i` of `split`, a pure function of `seed`."
+# %% ../nbs/03_shapes.ipynb #03-021
+def make_record(split: str, i: int, seed: int, size: int = 64, max_objects: int = 4) -> tuple[dict, np.ndarray, np.ndarray]:
+    "The record, pixels and label map of image `i` of `split`, a pure function of `seed`."
     g = rng(seed, split, i)
     scene = sample_scene(g, size, max_objects)
-    img, _ = render_scene(scene, g)
-    objects = [{k: o[k] for k in ("shape", "color", "size", "position", "box")} for o in scene["objects"]]
-    full = caption(scene["objects"])
-    return {"image": f"images/{split}/{i:06d}.png", "caption": full,
-            "captions": list(dict.fromkeys([full] + caption_variants(scene["objects"], g))), "objects": objects,
-            "split": split}, img
+    img, labels = render_scene(scene, g)
+    objs = scene["objects"]
+    full = caption(objs)
+    objects = [dict({k: o[k] for k in ("shape", "color", "size", "position", "box", "center")}, label=k + 1)
+               for k, o in enumerate(objs)]
+    rels = [{"subject": a, "relation": relation(objs[a], objs[b]), "object": b}
+            for a in range(len(objs)) for b in range(a + 1, len(objs))]
+    rec = {"image": f"images/{split}/{i:06d}.png", "mask": f"masks/{split}/{i:06d}.png", "caption": full,
+           "captions": list(dict.fromkeys([full] + caption_variants(objs, g))), "short": short_captions(objs),
+           "long": long_caption(objs, scene["background"]), "negatives": scene_negatives(objs, g),
+           "objects": objects, "relations": rels, "split": split}
+    return rec, img, labels
+
+def _write_part(out: str, split: str, start: int, stop: int, seed: int, size: int, max_objects: int, shard: Optional[str],
+                files: bool = True) -> list[str]:
+    "Render images `start..stop` of `split`: PNG files (when `files`), one tar shard (when `shard`); returns the JSONL lines."
+    out, lines = Path(out), []
+    writer = ShardWriter(out / shard) if shard else None
+    for i in range(start, stop):
+        rec, img, labels = make_record(split, i, seed, size, max_objects)
+        png, mask = encode_png(img), encode_png(labels)
+        if files: (out / rec["image"]).write_bytes(png); (out / rec["mask"]).write_bytes(mask)
+        line = json.dumps(rec)
+        if writer: writer.write(f"{split}_{i:06d}", {"png": png, "mask.png": mask, "json": line})
+        lines.append(line)
+    if writer: writer.close()
+    return lines
 
 def generate_shapes_world(out, # folder to write into
                           n_train: int = 3000, n_val: int = 200, n_test: int = 900, # images per split
                           seed: int = 0, # the world is a pure function of this
                           size: int = 64, # image side in pixels
-                          max_objects: int = 3, # objects per image: 1..max_objects
+                          max_objects: int = 4, # objects per image: 1..max_objects
+                          shard_size: int = 1000, # samples per WebDataset shard (0: write no shards)
+                          files: bool = True, # write the PNG files the JSONL points at (False: shards only)
+                          workers: Optional[int] = None, # processes rendering shards at once (default: the CPU count)
                           progress: bool = True, # show a progress bar
                          ) -> dict[str, Path]:
-    "Write the shapes world (PNG images + one JSONL per split) to `out`; returns each split's JSONL path."
+    "Write the shapes world (PNG images and masks, one JSONL per split, tar shards) to `out`; returns each split's JSONL."
+    if not (files or shard_size): raise ValueError("nothing to write: files=False and shard_size=0")
     out = Path(out)
     sizes = {"train": n_train, "val": n_val, "test": n_test}
-    paths = {}
-    bar = tqdm(total=sum(sizes.values()), desc="shapes world", unit="img", disable=not progress)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    part = shard_size or 1000
+    jobs = []
     for split, n in sizes.items():
         if n <= 0: continue
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        lines = []
-        for i in range(n):
-            rec, img = make_record(split, i, seed, size, max_objects)
-            Image.fromarray(img).save(out / rec["image"], compress_level=1)
-            lines.append(json.dumps(rec))
-            bar.update()
-        paths[split] = atomic_write(out / f"{split}.jsonl", "\n".join(lines) + "\n")
-    bar.close()
+        if files:
+            for d in ("images", "masks"): (out / d / split).mkdir(parents=True, exist_ok=True)
+        if shard_size: (out / "shards").mkdir(exist_ok=True)
+        for k, start in enumerate(range(0, n, part)):
+            jobs.append((split, start, min(start + part, n), f"shards/{split}-{k:06d}.tar" if shard_size else None))
+    lines = {}
+    bar = tqdm(total=sum(sizes.values()), desc="shapes world", unit="img", disable=not progress)
+    out.mkdir(parents=True, exist_ok=True)
+    args = lambda j: (str(out), j[0], j[1], j[2], seed, size, max_objects, j[3], files)
+    if workers <= 1 or len(jobs) == 1:
+        results = (_write_part(*args(j)) for j in jobs)
+        pool = None
+    else:
+        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("fork" if os.name == "posix" else "spawn"))
+        results = pool.map(_write_part, *zip(*map(args, jobs)))
+    try:
+        for j, ls in zip(jobs, results):
+            lines.setdefault(j[0], []).append(ls); bar.update(len(ls))
+    finally:
+        if pool: pool.shutdown()
+        bar.close()
+    paths = {}
+    for split, parts in lines.items():
+        paths[split] = atomic_write(out / f"{split}.jsonl", "".join(l + "\n" for ls in parts for l in ls))
+        if shard_size:
+            index = {"shards": [j[3].split("/")[1] for j in jobs if j[0] == split], "counts": [len(ls) for ls in parts]}
+            atomic_write(out / "shards" / f"{split}.json", json.dumps(index))
     return paths

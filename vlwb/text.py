@@ -4,11 +4,14 @@
 
 # %% ../nbs/01_text.ipynb #01-003
 from __future__ import annotations
-from typing import Sequence
+from typing import Optional, Sequence
 import torch
 
 # %% auto #0
-__all__ = ['Tokenizer']
+__all__ = ['COLOR_WORDS', 'SIZE_WORDS', 'ADJECTIVES', 'NOUN_CATEGORIES', 'NOUNS', 'DETERMINERS', 'SPATIAL', 'VERBS',
+           'NEGATIVE_KINDS', 'Tokenizer', 'indefinite', 'fix_articles', 'split_sentences', 'subcaption_pool',
+           'sample_subcaptions', 'NounPhrase', 'plural', 'tokenize_words', 'join_words', 'noun_phrases', 'relations',
+           'hard_negatives']
 
 # %% ../nbs/01_text.ipynb #01-005
 class Tokenizer:
@@ -36,3 +39,284 @@ class Tokenizer:
         return [self._bpe.decoder[int(i)].replace("</w>", "") for i in ids[0][mask[0]]]
 
     def __repr__(self): return f"Tokenizer(context_length={self.context_length}, vocab_size={self.vocab_size})"
+
+# %% ../nbs/01_text.ipynb #01-009
+import re
+_AN_EXCEPTIONS = {"one", "once", "university", "unicorn", "uniform", "unit", "user", "european", "useful", "usual"}
+_AN_SILENT_H = {"hour", "honest", "honor", "honour", "heir"}
+
+def indefinite(word: str) -> str:
+    "'a' or 'an' for the word that follows the article."
+    w = word.lower()
+    if w in _AN_SILENT_H: return "an"
+    if w in _AN_EXCEPTIONS or w.startswith(("uni", "eu")): return "a"
+    return "an" if w[:1] in "aeiou" else "a"
+
+_ARTICLE = re.compile(r"\b([Aa]n?) (?=([A-Za-z]+))")
+
+def fix_articles(text: str) -> str:
+    "Make every 'a'/'an' agree with the word after it: 'a orange circle' -> 'an orange circle'."
+    def agree(m):
+        art = indefinite(m.group(2))
+        return (art.capitalize() if m.group(1)[0].isupper() else art) + " "
+    return _ARTICLE.sub(agree, text)
+
+# %% ../nbs/01_text.ipynb #01-012
+import random as _random
+
+_ABBREV = ("e.g.", "i.e.", "etc.", "vs.", "mr.", "mrs.", "ms.", "dr.", "st.", "no.", "fig.")
+_SENT_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[A-Z0-9\"'(])")
+
+def split_sentences(text: str) -> list[str]:
+    "The sentences of a long caption, stripped; text without sentence ends is one sentence."
+    text = " ".join(text.split())
+    if not text: return []
+    out, start = [], 0
+    for m in _SENT_END.finditer(text):
+        piece = text[start:m.start()].strip()
+        if piece.lower().endswith(_ABBREV): continue # "e.g. A" is not a sentence end
+        out.append(piece); start = m.end()
+    out.append(text[start:].strip())
+    return [s for s in out if s]
+
+def subcaption_pool(sentences: list[str], merge: int = 1) -> list[str]:
+    "Every sub-caption that can be drawn: each sentence, and each run of 2..`merge` neighbouring sentences joined."
+    pool = list(sentences)
+    for width in range(2, merge + 1):
+        pool += [" ".join(sentences[i:i + width]) for i in range(len(sentences) - width + 1)]
+    return pool
+
+def sample_subcaptions(text, # a long caption, or its list of sentences
+                       k: int, # sub-captions to draw
+                       rand: _random.Random | None = None, # source of randomness (default: Python's global one)
+                       merge: int = 1, # longest run of neighbouring sentences a sub-caption may join
+                      ) -> list[str]:
+    "`k` sub-captions of a long caption, drawn without replacement until the pool is used up (DreamLIP)."
+    rand = rand or _random
+    sentences = split_sentences(text) if isinstance(text, str) else list(text)
+    if not sentences: raise ValueError("cannot sample sub-captions from an empty caption")
+    pool = subcaption_pool(sentences, merge)
+    out = []
+    while len(out) < k:
+        out += rand.sample(pool, min(k - len(out), len(pool)))
+    return out
+
+# %% ../nbs/01_text.ipynb #01-015
+COLOR_WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "white", "brown", "gray", "grey", "pink",
+               "golden", "silver")
+SIZE_WORDS = ("small", "large", "big", "little", "tiny", "huge", "tall", "short", "long")
+ADJECTIVES = frozenset(COLOR_WORDS + SIZE_WORDS + (
+    "wooden", "metal", "plastic", "glass", "stone", "old", "young", "new", "empty", "full", "open", "closed", "wet", "dry",
+    "hot", "cold", "striped", "spotted", "round", "dark", "light", "bright", "shiny", "furry", "fluffy", "happy", "sad",
+    "smiling", "sleeping", "standing", "running", "cloudy", "sunny", "clear", "blurry", "black-and-white", "checkered",
+    "grayscale", "red-haired", "curly", "straight", "narrow", "wide", "thick", "thin", "broken", "clean", "dirty")) 
+NOUN_CATEGORIES = {
+    "shape": ("circle", "square", "triangle", "diamond", "cross", "star", "rectangle", "hexagon", "ring", "oval"),
+    "animal": ("dog", "cat", "horse", "bird", "cow", "sheep", "elephant", "bear", "zebra", "giraffe", "mouse", "rabbit",
+               "duck", "fish", "lion", "tiger", "monkey", "goat", "pig", "snake", "kitten", "puppy"),
+    "person": ("man", "woman", "person", "child", "boy", "girl", "baby", "astronaut", "player", "cook", "chef", "rider",
+               "photographer", "skier", "surfer", "doctor", "student", "teacher", "lady", "guy"),
+    "vehicle": ("car", "bus", "truck", "bicycle", "bike", "motorcycle", "train", "boat", "plane", "airplane", "rocket",
+                "shuttle", "van", "tractor", "scooter", "taxi"),
+    "food": ("apple", "banana", "orange", "pizza", "sandwich", "cake", "donut", "carrot", "broccoli", "coffee", "tea",
+             "bread", "egg", "salad", "soup", "cookie"),
+    "furniture": ("chair", "table", "sofa", "couch", "bed", "bench", "desk", "shelf", "cabinet", "stool", "lamp"),
+    "object": ("cup", "mug", "saucer", "plate", "bowl", "spoon", "fork", "knife", "bottle", "glass", "vase", "book",
+               "phone", "laptop", "clock", "ball", "umbrella", "bag", "box", "camera", "tripod", "helmet", "flag", "coin",
+               "kite", "hat", "shirt", "jacket", "suit", "tie", "shoe", "wheel", "toy", "key", "pen", "sign", "door",
+               "window", "chessboard", "page", "tile", "brick", "leaf", "flower", "tree", "plant", "stick", "rope"),
+    "place": ("kitchen", "street", "road", "field", "beach", "room", "garage", "garden", "park", "sky", "wall", "floor",
+              "grass", "water", "snow", "table-top", "launch pad", "background", "picture", "image", "photo", "scene",
+              "sea", "lake", "river", "mountain", "hill", "building", "house", "city", "shop", "night", "day"),
+}
+NOUNS = {n: cat for cat, ns in NOUN_CATEGORIES.items() for n in ns}
+_IRREGULAR_PLURALS = {"men": "man", "women": "woman", "children": "child", "people": "person", "mice": "mouse",
+                      "feet": "foot", "teeth": "tooth", "sheep": "sheep", "fish": "fish", "knives": "knife",
+                      "leaves": "leaf", "shelves": "shelf", "geese": "goose"}
+DETERMINERS = frozenset(("a", "an", "the", "this", "that", "these", "those", "some", "two", "three", "four", "five",
+                         "several", "many", "his", "her", "its", "their", "one", "another", "each", "every"))
+SPATIAL = ("to the left of", "to the right of", "on top of", "in front of", "next to", "left of", "right of", "on",
+           "under", "above", "below", "behind", "beside", "near", "inside", "in", "over", "beneath", "underneath",
+           "against", "across from", "at")
+_VERB_STEMS = ("chas", "hold", "rid", "eat", "wear", "carr", "watch", "pull", "push", "feed", "hug", "kick", "throw",
+               "catch", "follow", "lead", "bit", "lick", "touch", "look", "sit", "stand", "lie", "lay", "walk", "drink",
+               "cut", "cook", "drive", "fly", "play", "read", "sniff", "protect", "attack", "photograph")
+VERBS = frozenset(
+    [s + suf for s in _VERB_STEMS for suf in ("ing", "es", "s", "ed", "e", "ies", "ied", "ying")] +
+    ["chasing", "holding", "riding", "eating", "wearing", "carrying", "watching", "pulling", "pushing", "feeding",
+     "hugging", "kicking", "throwing", "catching", "following", "leading", "biting", "licking", "touching", "looking",
+     "sitting", "standing", "lying", "walking", "drinking", "cutting", "cooking", "driving", "flying", "playing",
+     "reading", "sniffing", "protecting", "attacking", "rides", "bites", "chases", "holds", "eats", "wears", "carries",
+     "watches", "pulls", "pushes", "feeds", "hugs", "kicks", "throws", "catches", "follows", "leads", "licks", "touches",
+     "looks", "sits", "stands", "lies", "walks", "drinks", "cuts", "cooks", "drives", "flies", "plays", "reads",
+     "sniffs", "protects", "attacks", "photographs", "photographing", "rode", "ate", "wore", "held", "caught", "threw",
+     "led", "sat", "stood", "drove", "flew", "chased", "carried", "watched", "pulled", "pushed", "fed", "hugged", "kicked",
+     "followed", "licked", "touched", "looked", "walked", "cooked", "played", "sniffed", "protected", "attacked",
+     "photographed"])
+_PARTICLES = ("at", "on", "with", "in", "over", "under", "into", "onto", "behind", "beside", "next to", "near", "by")
+
+# %% ../nbs/01_text.ipynb #01-017
+from dataclasses import dataclass, field
+
+_WORD = re.compile(r"[A-Za-z]+(?:[-'][A-Za-z]+)*|[^\sA-Za-z]+")
+
+def _singular(w: str) -> Optional[str]:
+    "The lexicon noun `w` is a form of, or None."
+    w = w.lower()
+    if w in NOUNS: return w
+    if w in _IRREGULAR_PLURALS: return _IRREGULAR_PLURALS[w]
+    for suf, rep in (("ies", "y"), ("ves", "f"), ("es", ""), ("s", "")):
+        if w.endswith(suf) and w[:-len(suf)] + rep in NOUNS: return w[:-len(suf)] + rep
+    return None
+
+@dataclass
+class NounPhrase:
+    "A noun phrase `tokens[start:end]`: its determiner (index or None), adjective indices and noun indices."
+    start: int
+    end: int
+    det: Optional[int]
+    adjs: list = field(default_factory=list)
+    nouns: list = field(default_factory=list)
+
+_PLURAL_OF = {v: k for k, v in _IRREGULAR_PLURALS.items()}
+
+def plural(noun: str) -> str:
+    "The plural of a singular lexicon noun."
+    if noun in _PLURAL_OF: return _PLURAL_OF[noun]
+    if noun.endswith("y") and noun[-2:-1] not in "aeiou": return noun[:-1] + "ies"
+    if noun.endswith(("s", "x", "ch", "sh")): return noun + "es"
+    return noun + "s"
+
+def tokenize_words(text: str) -> list[str]:
+    "Words and punctuation runs of `text`."
+    return _WORD.findall(text)
+
+def join_words(words: list[str]) -> str:
+    "Words back into text: no space before punctuation."
+    out = ""
+    for w in words:
+        out += w if (not out or not w[0].isalnum() and w[0] not in "(\"'") else " " + w
+    return out
+
+def noun_phrases(words: list[str]) -> list[NounPhrase]:
+    "The noun phrases of a tokenised caption, in order."
+    out, i, n = [], 0, len(words)
+    while i < n:
+        j, det, adjs = i, None, []
+        if words[j].lower() in DETERMINERS: det, j = j, j + 1
+        while j < n and words[j].lower() in ADJECTIVES and not (_singular(words[j]) and (j + 1 >= n or not _singular(words[j + 1]) and words[j + 1].lower() not in ADJECTIVES)):
+            adjs.append(j); j += 1
+        nouns = []
+        while j < n and _singular(words[j]): nouns.append(j); j += 1
+        if nouns:
+            out.append(NounPhrase(i, j, det, adjs, nouns)); i = j
+        else: i += 1
+    return out
+
+def _match_relation(words: list[str], start: int, end: int) -> Optional[str]:
+    "The relation words[start:end] spells (spatial phrase, or verb with an optional particle), or None."
+    span = " ".join(w.lower() for w in words[start:end])
+    if span in SPATIAL: return "spatial"
+    parts = span.split(" ")
+    if parts and parts[0] in ("is", "are", "was", "were"): parts = parts[1:]
+    if not parts: return None
+    if " ".join(parts) in SPATIAL: return "spatial"
+    if parts[0] in VERBS and (len(parts) == 1 or " ".join(parts[1:]) in _PARTICLES): return "verb"
+    return None
+
+def relations(words: list[str], nps: list[NounPhrase]) -> list[tuple[int, int, str]]:
+    "`(a, b, kind)` for neighbouring noun phrases `nps[a]`, `nps[b]` joined by a spatial or verb relation."
+    return [(a, a + 1, kind) for a in range(len(nps) - 1)
+            if (kind := _match_relation(words, nps[a].end, nps[a + 1].start))]
+
+# %% ../nbs/01_text.ipynb #01-019
+def _fix_articles(words: list[str]) -> list[str]:
+    out = list(words)
+    for i in range(len(out) - 1):
+        if out[i].lower() in ("a", "an"):
+            art = indefinite(out[i + 1])
+            out[i] = art.capitalize() if out[i][0].isupper() else art
+    return out
+
+def _match_case(word: str, like: str) -> str:
+    return word.capitalize() if like[:1].isupper() else word.lower()
+
+def _swap_spans(words, a: tuple[int, int], b: tuple[int, int]) -> list[str]:
+    "Swap the word spans `a` and `b` (`a` before `b`); a capital at the start of the caption stays at the start."
+    (s0, e0), (s1, e1) = a, b
+    out = words[:s0] + words[s1:e1] + words[e0:s1] + words[s0:e0] + words[e1:]
+    if s0 == 0 and words[0][:1].isupper():
+        moved = (e1 - s1) + (s1 - e0) # where the first phrase now starts
+        if out[moved].lower() in DETERMINERS: out[moved] = out[moved].lower()
+        out[0] = out[0][:1].upper() + out[0][1:]
+    return out
+
+def _np_span(np_: NounPhrase) -> tuple[int, int]: return np_.start, np_.end
+
+def _adj_kind(w: str) -> str:
+    w = w.lower()
+    return "color" if w in COLOR_WORDS else "size" if w in SIZE_WORDS else "other"
+
+# %% ../nbs/01_text.ipynb #01-020
+NEGATIVE_KINDS = ("swap_attribute", "swap_relation", "replace_object", "replace_attribute")
+
+def hard_negatives(caption: str, # a free-form English caption
+                   kinds=NEGATIVE_KINDS, # which edits to make
+                   rand: _random.Random | None = None, # picks among possible edits (default: the first of each kind)
+                   per_kind: int = 1, # at most this many negatives of each kind
+                  ) -> list[dict]:
+    "Hard negatives of `caption`: dicts with `text` and `kind`; kinds with no editable structure are left out."
+    unknown = set(kinds) - set(NEGATIVE_KINDS)
+    if unknown: raise KeyError(f"unknown negative kinds {sorted(unknown)}; known: {', '.join(NEGATIVE_KINDS)}")
+    words = tokenize_words(caption)
+    nps = noun_phrases(words)
+    candidates = {k: [] for k in kinds}
+    if "swap_attribute" in kinds:
+        for a in range(len(nps)):
+            for b in range(a + 1, len(nps)):
+                A, B = nps[a], nps[b]
+                if A.adjs and B.adjs and [words[i].lower() for i in A.adjs] != [words[i].lower() for i in B.adjs] \
+                   and _singular(words[A.nouns[-1]]) != _singular(words[B.nouns[-1]]):
+                    out = list(words)
+                    wa, wb = [words[i] for i in A.adjs], [words[i] for i in B.adjs]
+                    out[A.adjs[0]:A.adjs[-1] + 1] = [w.lower() for w in wb] # indices after A shift by len(wb) - len(wa)
+                    shift = len(wb) - len(wa)
+                    out[B.adjs[0] + shift:B.adjs[-1] + 1 + shift] = [w.lower() for w in wa]
+                    candidates["swap_attribute"].append(out)
+    if "swap_relation" in kinds:
+        for a, b, _ in relations(words, nps):
+            A, B = nps[a], nps[b]
+            head = lambda p: [words[i].lower() for i in p.adjs + p.nouns]
+            if head(A) != head(B): candidates["swap_relation"].append(_swap_spans(words, _np_span(A), _np_span(B)))
+    if "replace_object" in kinds:
+        present = {_singular(words[i]) for p in nps for i in p.nouns}
+        for p in nps:
+            i = p.nouns[-1]; noun = _singular(words[i]); cat = NOUNS[noun]
+            if cat in ("place",): continue
+            is_plural = words[i].lower() != noun
+            for alt in NOUN_CATEGORIES[cat]:
+                if alt in present or alt == noun: continue
+                out = list(words); out[i] = _match_case(plural(alt) if is_plural else alt, words[i])
+                candidates["replace_object"].append(out)
+    if "replace_attribute" in kinds:
+        present = {w.lower() for w in words}
+        for p in nps:
+            for i in p.adjs:
+                kind = _adj_kind(words[i])
+                if kind == "other": continue
+                pool = COLOR_WORDS[:8] if kind == "color" else ("small", "large", "tiny", "huge")
+                for alt in pool:
+                    if alt in present or alt == words[i].lower(): continue
+                    out = list(words); out[i] = _match_case(alt, words[i])
+                    candidates["replace_attribute"].append(out)
+    negs = []
+    for kind in kinds:
+        cands = candidates[kind]
+        if rand is not None: cands = rand.sample(cands, len(cands))
+        seen = set()
+        for c in cands:
+            text = join_words(_fix_articles(c))
+            if text == caption or text in seen: continue
+            seen.add(text); negs.append({"text": text, "kind": kind})
+            if len(seen) >= per_kind: break
+    return negs

@@ -59,7 +59,8 @@ class VLModule(L.LightningModule):
         "Both encodings of a batch."
         return self.model.encode_image(batch.images), self.model.encode_text(batch.text_ids, batch.text_mask)
 
-    def _step(self, batch: PairBatch, stage: str):
+    def _step(self, batch: Optional[PairBatch], stage: str):
+        if batch is None: return None # every sample of the batch was skipped as unreadable: skip the step
         img, txt = self(batch)
         losses = self.objectives(img, txt, batch, self.model.scale)
         i2t, t2i = in_batch_accuracy(img.embed.detach(), txt.embed.detach()[batch.caption_index()])
@@ -108,7 +109,8 @@ def quiet_lightning():
     import lightning.pytorch  # noqa: F401 (its import sets its loggers' levels, so quieten them after it)
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"): logging.getLogger(name).setLevel(logging.ERROR)
     for pattern in (".*does not have many workers.*", ".*LitLogger.*", ".*LeafSpec.*",
-                    ".*Total length of `list` across ranks is zero.*"):
+                    ".*Total length of `list` across ranks is zero.*",
+                    ".*train_dataloader yielded None.*"): # a batch of only unreadable samples: skipped on purpose
         warnings.filterwarnings("ignore", pattern)
 
 def make_trainer(out, # run folder: logs/ (CSV) and checkpoint/ go here
