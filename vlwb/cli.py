@@ -84,11 +84,19 @@ def main(argv=None):
     s.add_argument("--max-objects", type=int, default=4, help="objects per image: 1..max")
     s.add_argument("--shard-size", type=int, default=1000, help="samples per WebDataset shard (0: no shards)")
     s.add_argument("--workers", type=int, default=None, help="processes (default: the CPU count)")
+    sub.add_parser("train", help="train with LightningCLI: vlwb train --config vlwb/configs/clip.yaml [--flags] (see vlwb train --help)",
+                   add_help=False)
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="count good and skipped records (by reason) of a pair source")
     dc.add_argument("path", help="a .jsonl/.csv/.tsv file, a folder of images with .txt captions, or .tar shards")
     dc.add_argument("--json", action="store_true", help="print the report as JSON")
+    import sys
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]: # everything after `train` belongs to LightningCLI
+        from vlwb.train import train_cli
+        train_cli(argv[1:])
+        return 0
     a = p.parse_args(argv)
     if a.command == "quickstart":
         m = quickstart(a.out, a.seed, a.n_train, a.n_test, a.steps, a.batch_size, a.lr, a.model, progress=not a.no_progress)

@@ -24,7 +24,7 @@ __all__ = ['log', 'CLIP_MEAN', 'CLIP_STD', 'IMAGE_EXTENSIONS', 'MAX_PIXELS', 'Ba
            'encode_png', 'centre_crop_box', 'image_to_tensor', 'labels_to_masks', 'fit_boxes', 'tensor_to_image',
            'read_records', 'normalise_record', 'load_records', 'make_item', 'ImageCaptionDataset', 'load_image_raw',
            'ShardWriter', 'expand_shards', 'iter_tar_samples', 'ShardedPairs', 'PairCollate', 'is_shards', 'open_pairs',
-           'PairDataModule', 'check_pairs', 'format_check']
+           'StreamSampler', 'ResumableLoader', 'PairDataModule', 'check_pairs', 'format_check']
 
 # %% ../nbs/02_data.ipynb #02-006
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -264,12 +264,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def image_path(self, i: int) -> Path:
         return _resolve(self.records[i]["image"], self.root)
 
-    def __getitem__(self, i: int) -> Optional[dict]:
+    def __getitem__(self, key) -> Optional[dict]:
+        "Item `key` (an index, or `(index, draw)` from `EpochSampler`: `draw` seeds the item's caption sampling)."
+        i, draw = key if isinstance(key, tuple) else (key, None)
         r = self.records[i]
         try:
             im = load_image(self.image_path(i), self.max_pixels)
             mask = load_image_raw(_resolve(r["mask"], self.root)) if r.get("mask") else None
-            return make_item(r, im, self.image_size, self.mean, self.std, mask)
+            item = make_item(r, im, self.image_size, self.mean, self.std, mask)
+            if draw is not None: item["draw"] = draw
+            return item
         except BadSample as e:
             if not self.skip_bad: raise
             _log_skip(self.skipped, e.reason, f"{self.path} record {i}: {e}")
@@ -470,18 +474,19 @@ class PairCollate:
         items = [it for it in items if it is not None]
         if not items: return None # every sample was skipped: the training step skips this batch
         R = self.rand or random
-        texts = [R.choice(it["captions"]) if self.train else it["captions"][0] for it in items]
+        # an item drawn by `EpochSampler` carries its own seed: its texts then depend only on (seed, epoch, index)
+        rands = [random.Random(it["draw"]) if "draw" in it else R for it in items]
+        texts = [r.choice(it["captions"]) if self.train else it["captions"][0] for r, it in zip(rands, items)]
         image_of, kind = list(range(len(items))), [int(TextKind.caption)] * len(items)
         for i, it in enumerate(items):
             if self.n_sub:
                 src = it["meta"].get("long") or it["captions"]
-                subs = sample_subcaptions(src, self.n_sub, R, self.merge) if self.train else \
-                       (sample_subcaptions(src, self.n_sub, random.Random(i), self.merge))
+                subs = sample_subcaptions(src, self.n_sub, rands[i] if self.train else random.Random(i), self.merge)
                 texts += subs; image_of += [i] * len(subs); kind += [int(TextKind.subcaption)] * len(subs)
-        for it in items:
+        for r, it in zip(rands, items):
             negs = [n["text"] for n in it["meta"].get("negatives", [])]
             if self.n_neg and negs:
-                negs = R.sample(negs, min(self.n_neg, len(negs))) if self.train else negs[:self.n_neg]
+                negs = r.sample(negs, min(self.n_neg, len(negs))) if self.train else negs[:self.n_neg]
                 texts += negs; image_of += [-1] * len(negs); kind += [int(TextKind.negative)] * len(negs)
         ids, mask = self.tokenizer(texts)
         boxes = [it["boxes"] for it in items] if all("boxes" in it for it in items) else None
@@ -504,10 +509,57 @@ def open_pairs(path, image_size: int = 64, mean=CLIP_MEAN, std=CLIP_STD, shuffle
     if is_shards(path): return ShardedPairs(path, image_size, mean, std, shuffle_buffer=shuffle_buffer, seed=seed, **kw)
     return ImageCaptionDataset(path, image_size, mean=mean, std=std, **kw)
 
-# %% ../nbs/02_data.ipynb #02-024
+# %% ../nbs/02_data.ipynb #02-025
+from torch.utils.data.distributed import DistributedSampler
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+class StreamSampler(DistributedSampler):
+    "Endless dataset indices, each epoch in a seeded order, with a per-sample `draw` seed; split over DDP ranks; starts at any position."
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True): # (a DistributedSampler so Lightning does not wrap it)
+        self.n, self.seed, self.shuffle, self.start = n, seed, shuffle, 0 # start: global position (all ranks) to begin at
+
+    def set_epoch(self, epoch: int): pass # epochs are positions in the stream
+
+    def __len__(self): raise TypeError("a StreamSampler is endless: it has no length") # Lightning then counts in steps
+
+    def order(self, epoch: int) -> list[int]:
+        "The dataset order of `epoch`."
+        if not self.shuffle: return list(range(self.n))
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(hash((self.seed, epoch)) & 0x7FFFFFFF)).tolist()
+
+    def __iter__(self):
+        rank, world = _rank_world()
+        p = self.start + (rank - self.start) % world # the first position of this rank at or after start
+        epoch, perm = -1, None
+        while True:
+            e, k = divmod(p, self.n)
+            if e != epoch: epoch, perm = e, self.order(e)
+            yield perm[k], hash((self.seed, e, perm[k])) & 0x7FFFFFFF
+            p += world
+
+class ResumableLoader(torch.utils.data.DataLoader):
+    "A DataLoader over a `StreamSampler` whose position Lightning saves in its checkpoints and restores on resume."
+    def __init__(self, dataset, batch_size: int, seed: int = 0, shuffle: bool = True, **kwargs):
+        kwargs.pop("drop_last", None) # an endless stream has no last batch
+        super().__init__(dataset, batch_size=batch_size, sampler=StreamSampler(len(dataset), seed, shuffle), **kwargs)
+        self.progress = None # a callable: batches taken so far in this run (set by PairDataModule)
+
+    def state_dict(self) -> dict:
+        "The stream position reached: batches taken x batch size x ranks."
+        taken = self.progress() if self.progress else 0
+        return {"position": taken * self.batch_size * _rank_world()[1]}
+
+    def load_state_dict(self, state: dict):
+        if state: self.sampler.start = int(state["position"])
+
+# %% ../nbs/02_data.ipynb #02-027
 class PairDataModule(L.LightningDataModule):
     "Train and validation pair sources (files, folders or shards) as Lightning dataloaders of `PairBatch`es."
-    def __init__(self, train: str, # training pairs: .jsonl/.csv/.tsv, an image folder, or WebDataset shards
+    def __init__(self, train: Optional[str] = None, # training pairs: .jsonl/.csv/.tsv, an image folder, or WebDataset shards
                  val: Optional[str] = None, # validation pairs
                  batch_size: int = 128,
                  num_workers: int = 0, # loader processes (0: load in the training process)
@@ -518,32 +570,51 @@ class PairDataModule(L.LightningDataModule):
                  merge: int = 1, # neighbouring sentences a sub-caption may join
                  n_negatives: int = 0, # hard negatives per image
                  shuffle_buffer: int = 1000, # for shards: samples held for shuffling
+                 shapes: Optional[str] = None, # instead of train/val: a shapes world folder (written there first if absent)
+                 shapes_n_train: int = 4000, # images of that world's training split
                 ):
         super().__init__()
+        if not (train or shapes): raise ValueError("PairDataModule needs train pairs (train=...) or a shapes world folder (shapes=...)")
         self.save_hyperparameters()
         self.tokenizer = Tokenizer(context_length)
         self.train_ds = self.val_ds = None
 
+    def prepare_data(self):
+        h = self.hparams
+        if h.shapes and not (Path(h.shapes) / "train.jsonl").exists():
+            from vlwb.shapes import generate_shapes_world
+            generate_shapes_world(h.shapes, n_train=h.shapes_n_train, n_val=200, n_test=900, seed=h.seed)
+
     def setup(self, stage: Optional[str] = None):
         h = self.hparams
+        if h.shapes:
+            if not (Path(h.shapes) / "train.jsonl").exists(): self.prepare_data()
+            h.train, h.val = h.train or str(Path(h.shapes) / "train.jsonl"), h.val or str(Path(h.shapes) / "val.jsonl")
         if self.train_ds is None: self.train_ds = open_pairs(h.train, h.image_size, shuffle_buffer=h.shuffle_buffer, seed=h.seed)
         if h.val and self.val_ds is None: self.val_ds = open_pairs(h.val, h.image_size)
 
     def _loader(self, ds, train):
         h = self.hparams
         collate = PairCollate(self.tokenizer, train, h.n_subcaptions, h.merge, h.n_negatives)
-        iterable = isinstance(ds, torch.utils.data.IterableDataset)
-        if isinstance(ds, ShardedPairs): ds.set_distributed() # the process group exists by now; workers inherit it
-        g = torch.Generator().manual_seed(h.seed)
-        return torch.utils.data.DataLoader(ds, batch_size=h.batch_size, shuffle=train and not iterable,
-                                           drop_last=train and len(ds) > h.batch_size, num_workers=h.num_workers,
-                                           collate_fn=collate, generator=None if iterable else g,
-                                           persistent_workers=h.num_workers > 0)
+        kw = dict(batch_size=h.batch_size, drop_last=train and len(ds) > h.batch_size, num_workers=h.num_workers,
+                  collate_fn=collate, persistent_workers=h.num_workers > 0)
+        if isinstance(ds, ShardedPairs):
+            ds.set_distributed() # the process group exists by now; workers inherit it
+            return torch.utils.data.DataLoader(ds, **kw)
+        if not train: return torch.utils.data.DataLoader(ds, shuffle=False, **kw)
+        loader = ResumableLoader(ds, seed=h.seed, shuffle=True, **kw)
+        loader.progress = self._batches_taken
+        return loader
+
+    def _batches_taken(self) -> int:
+        "Training batches started so far in this run (`VLModule.batches_taken`), which a resumed run skips."
+        t = getattr(self, "trainer", None)
+        return getattr(t.lightning_module, "batches_taken", 0) if t is not None else 0
 
     def train_dataloader(self): return self._loader(self.train_ds, True)
     def val_dataloader(self): return self._loader(self.val_ds, False) if self.val_ds is not None else []
 
-# %% ../nbs/02_data.ipynb #02-026
+# %% ../nbs/02_data.ipynb #02-029
 def check_pairs(path, # any pair source `open_pairs` accepts
                 examples: int = 3, # messages kept per reason
                 progress: bool = True,

@@ -19,8 +19,8 @@ from .text import Tokenizer
 from .data import CLIP_MEAN, CLIP_STD
 
 # %% auto #0
-__all__ = ['BACKENDS', 'BUILTIN_SIZES', 'VLModel', 'Attention', 'Block', 'Transformer', 'patch_stem', 'BuiltinConfig',
-           'BuiltinCLIP', 'create_model', 'load']
+__all__ = ['BACKENDS', 'BUILTIN_SIZES', 'load_model', 'VLModel', 'Attention', 'Block', 'Transformer', 'patch_stem',
+           'BuiltinConfig', 'BuiltinCLIP', 'offline', 'OpenClipModel', 'HFModel', 'create_model', 'load']
 
 # %% ../nbs/04_models.ipynb #04-005
 BACKENDS = Registry("backend")
@@ -227,20 +227,229 @@ class BuiltinCLIP(VLModel):
         eot = mask.sum(1).clamp(min=1) - 1  # last real token
         return TextEnc(embed=l2norm(z[torch.arange(len(z)), eot]), tokens=l2norm(z), mask=mask, attn=maps)
 
-# %% ../nbs/04_models.ipynb #04-017
+# %% ../nbs/04_models.ipynb #04-018
+def _mha_probs(mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    "The attention probabilities `[B,heads,N,N]` an `nn.MultiheadAttention` computes for self-attention on `x`."
+    if not mha.batch_first: x = x.transpose(0, 1)
+    q, k, _ = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1)
+    q, k = (rearrange(t, "b n (h d) -> b h n d", h=mha.num_heads) for t in (q, k))
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    return s.softmax(-1)
+
+class _AttentionProbe:
+    "Pre-hooks on the attention modules of a tower that record each layer's attention probabilities."
+    def __init__(self, modules: list):
+        self.modules, self.maps, self.handles = modules, [], []
+    def hook(self, mod, args, kwargs):
+        x = args[0] if args else kwargs["query"]
+        self.maps.append(_mha_probs(mod, x, kwargs.get("attn_mask", args[4] if len(args) > 4 else None)))
+    def __enter__(self):
+        bad = [type(m).__name__ for m in self.modules if not isinstance(m, nn.MultiheadAttention)]
+        if bad: raise NotImplementedError(f"attention capture supports nn.MultiheadAttention blocks, this tower has {bad[0]}")
+        self.handles = [m.register_forward_pre_hook(self.hook, with_kwargs=True) for m in self.modules]
+        return self
+    def __exit__(self, *exc):
+        for h in self.handles: h.remove()
+
+def _project(x: torch.Tensor, proj) -> torch.Tensor:
+    if proj is None: return x
+    return proj(x) if isinstance(proj, nn.Module) else x @ proj
+
+def offline() -> bool:
+    "Is the Hugging Face hub switched off (`HF_HUB_OFFLINE=1`)?"
+    import os
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+@BACKENDS.register("open_clip")
+class OpenClipModel(VLModel):
+    "An open_clip model (any architecture, pretrained tag or local weights file) as a `VLModel` with projected tokens."
+    backend = "open_clip"
+    def __init__(self, arch: str, # open_clip architecture name, e.g. "ViT-B-32"
+                 pretrained: Optional[str] = None, # a pretrained tag ("openai", "laion2b_s34b_b79k"), a local weights file, or None
+                 net: Optional[nn.Module] = None, # an already built open_clip model (then arch only names it)
+                ):
+        super().__init__()
+        import open_clip
+        self.arch, self.pretrained = arch, pretrained
+        if net is None:
+            if arch not in open_clip.list_models():
+                raise KeyError(f"open_clip has no architecture {arch!r}; e.g. {', '.join(open_clip.list_models()[:8])}, ...")
+            if pretrained and not Path(pretrained).exists(): _check_open_clip_cache(arch, pretrained)
+            net = open_clip.create_model(arch, pretrained=pretrained)
+        self.net = net
+        v = net.visual
+        size = v.image_size if hasattr(v, "image_size") else 224
+        self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        pp = getattr(v, "preprocess_cfg", {}) or {}
+        self.image_mean, self.image_std = tuple(pp.get("mean", CLIP_MEAN)), tuple(pp.get("std", CLIP_STD))
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.context_length = getattr(net, "context_length", 77)
+
+    @property
+    def logit_scale(self) -> nn.Parameter: return self.net.logit_scale # the library's own parameter (saved once, as net.logit_scale)
+
+    @property
+    def spec(self) -> dict: return {"backend": self.backend, "arch": self.arch, "pretrained": None}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "OpenClipModel": return cls(spec["arch"], spec.get("pretrained"))
+
+    def tokenize(self, texts):
+        ids = self.tokenizer([texts] if isinstance(texts, str) else list(texts))
+        return ids, ids != 0
+
+    def _text_tower(self):
+        return (self.net.text, self.net.text.ln_final, self.net.text.text_projection) if hasattr(self.net, "text") else \
+               (self.net, self.net.ln_final, self.net.text_projection)
+
+    def encode_image(self, images, attn: bool = False) -> ImageEnc:
+        v = self.net.visual
+        if not hasattr(v, "output_tokens"): raise NotImplementedError(f"{self.arch}: patch tokens need a ViT image tower")
+        probe = _AttentionProbe([b.attn for b in v.transformer.resblocks]) if attn else None
+        v.output_tokens = True
+        try:
+            if probe:
+                with probe: pooled, tokens = v(images)
+            else: pooled, tokens = v(images)
+        finally: v.output_tokens = False
+        if getattr(v, "final_ln_after_pool", False): tokens = v.ln_post(tokens)
+        n = tokens.shape[1]; side = int(round(n ** 0.5))
+        return ImageEnc(embed=l2norm(pooled), tokens=l2norm(_project(tokens, v.proj)), grid=(side, n // side),
+                        attn=probe.maps if probe else None)
+
+    def encode_text(self, texts, mask=None, attn: bool = False) -> TextEnc:
+        ids, mask = self._ids(texts, mask)
+        tower, ln_final, proj = self._text_tower()
+        seen = {}
+        h = ln_final.register_forward_hook(lambda m, i, o: seen.__setitem__("x", o))
+        probe = _AttentionProbe([b.attn for b in tower.transformer.resblocks]) if attn else None
+        try:
+            if probe:
+                with probe: pooled = self.net.encode_text(ids)
+            else: pooled = self.net.encode_text(ids)
+        finally: h.remove()
+        return TextEnc(embed=l2norm(pooled), tokens=l2norm(_project(seen["x"], proj)), mask=mask, attn=probe.maps if probe else None)
+
+def _check_open_clip_cache(arch: str, tag: str):
+    "Offline, fail at once (naming the file looked for) when a pretrained tag's weights are not in the local cache."
+    if not offline(): return
+    import open_clip
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg: raise KeyError(f"open_clip has no pretrained tag {tag!r} for {arch}; known: {', '.join(open_clip.list_pretrained_tags_by_model(arch))}")
+    from huggingface_hub import try_to_load_from_cache
+    hub = cfg.get("hf_hub", "").rstrip("/")
+    looked = []
+    if hub:
+        for fn in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            looked.append(f"{hub}/{fn} (Hugging Face cache)")
+            if isinstance(try_to_load_from_cache(hub, fn), str): return
+    if cfg.get("url"):
+        f = Path.home() / ".cache" / "clip" / Path(cfg["url"]).name
+        looked.append(str(f))
+        if f.exists(): return
+    raise FileNotFoundError(f"HF_HUB_OFFLINE=1 and the weights of open_clip:{arch}:{tag} are not cached (looked for {'; '.join(looked)}). "
+                            f"Download them where there is a network, or point at a local file: 'open_clip:{arch}:/path/to/weights.safetensors'.")
+
+# %% ../nbs/04_models.ipynb #04-020
+def _pooled(out) -> torch.Tensor: return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+@BACKENDS.register("hf")
+class HFModel(VLModel):
+    "A transformers `CLIPModel` or `SiglipModel` as a `VLModel` with projected tokens and eager attention."
+    backend = "hf"
+    def __init__(self, name: Optional[str] = None, # hub id or local folder
+                 net: Optional[nn.Module] = None, # an already built CLIPModel / SiglipModel
+                 config: Optional[dict] = None, # or: build an untrained model from this config dict
+                ):
+        super().__init__()
+        import transformers
+        if net is None and config is not None:
+            cfg = transformers.AutoConfig.for_model(**config); cfg._attn_implementation = "eager"
+            net = transformers.AutoModel.from_config(cfg, attn_implementation="eager")
+        if net is None:
+            if offline() and not Path(name).exists():
+                from huggingface_hub import try_to_load_from_cache
+                if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+                    raise FileNotFoundError(f"HF_HUB_OFFLINE=1 and {name!r} is not in the Hugging Face cache (looked for {name}/config.json). "
+                                            f"Download it where there is a network, or point at a local folder: 'hf:/path/to/{name.split('/')[-1]}'.")
+            net = transformers.AutoModel.from_pretrained(name, attn_implementation="eager")
+        self.name, self.net = name, net
+        self.kind = type(net).__name__
+        if self.kind not in ("CLIPModel", "SiglipModel"): raise TypeError(f"hf backend supports CLIPModel and SiglipModel, got {self.kind}")
+        vc = net.config.vision_config
+        self.image_size, self.patch_size = vc.image_size, vc.patch_size
+        self.image_mean, self.image_std = (CLIP_MEAN, CLIP_STD) if self.kind == "CLIPModel" else ((0.5,) * 3, (0.5,) * 3)
+        self.context_length = net.config.text_config.max_position_embeddings
+        self.hf_tokenizer = None
+        if name and Path(name).exists() and any((Path(name) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")):
+            self.hf_tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        self.bpe = Tokenizer(self.context_length) if self.kind == "CLIPModel" else None
+
+    @property
+    def logit_scale(self) -> nn.Parameter: return self.net.logit_scale
+
+    @property
+    def spec(self) -> dict: return {"backend": self.backend, "config": self.net.config.to_dict()}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "HFModel":
+        return cls(config=spec["config"]) if "config" in spec else cls(spec["name"])
+
+    def tokenize(self, texts):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if self.hf_tokenizer is not None:
+            pad = "max_length" if self.kind == "SiglipModel" else True
+            t = self.hf_tokenizer(texts, padding=pad, truncation=True, max_length=self.context_length, return_tensors="pt")
+            return t["input_ids"], t.get("attention_mask", torch.ones_like(t["input_ids"])).bool()
+        if self.bpe is None: raise ValueError(f"{self.kind} needs its own tokenizer files (pass a local folder that has them)")
+        return self.bpe(texts)
+
+    def encode_image(self, images, attn: bool = False) -> ImageEnc:
+        vm = self.net.vision_model
+        out = vm(pixel_values=images, output_attentions=attn, return_dict=True)
+        if self.kind == "CLIPModel":
+            pooled = self.net.visual_projection(out.pooler_output)
+            tokens = self.net.visual_projection(vm.post_layernorm(out.last_hidden_state[:, 1:]))
+        else:
+            pooled, tokens = out.pooler_output, out.last_hidden_state
+        side = self.image_size // self.patch_size
+        return ImageEnc(embed=l2norm(pooled), tokens=l2norm(tokens), grid=(side, side), attn=list(out.attentions) if attn else None)
+
+    def encode_text(self, texts, mask=None, attn: bool = False) -> TextEnc:
+        ids, mask = self._ids(texts, mask)
+        tm = self.net.text_model
+        out = tm(input_ids=ids, attention_mask=mask.long(), output_attentions=attn, return_dict=True)
+        if self.kind == "CLIPModel":
+            pooled, tokens = self.net.text_projection(out.pooler_output), self.net.text_projection(out.last_hidden_state)
+        else:
+            pooled, tokens = out.pooler_output, tm.head(out.last_hidden_state)
+        return TextEnc(embed=l2norm(pooled), tokens=l2norm(tokens), mask=mask, attn=list(out.attentions) if attn else None)
+
+# %% ../nbs/04_models.ipynb #04-022
 def create_model(spec: str | dict = "builtin:tiny", # "backend:name", a spec dict, or a checkpoint directory
-                 **overrides, # config fields to change (e.g. embed_dim=64)
+                 **overrides, # config fields to change (builtin: e.g. embed_dim=64)
                 ) -> VLModel:
-    "Build a model from a name such as `builtin:tiny`, a `spec` dict, or load one from a checkpoint directory."
+    "Build a model from `builtin:tiny`, `open_clip:ARCH[:TAG]`, `hf:ID`, a `spec` dict, or load one from a checkpoint directory."
     if isinstance(spec, dict): return BACKENDS[spec["backend"]].from_spec(spec)
-    if Path(spec).exists(): return load(spec)
-    backend, _, name = spec.partition(":")
+    if Path(spec).is_dir() or str(spec).endswith(".safetensors"): return load(spec)
+    backend, _, name = str(spec).partition(":")
     if backend == "builtin":
         name = name or "tiny"
         if name not in BUILTIN_SIZES: raise KeyError(f"unknown builtin size {name!r}; known: {', '.join(BUILTIN_SIZES)}")
         return BuiltinCLIP(BuiltinConfig(**{**BUILTIN_SIZES[name], **overrides}))
+    if backend == "open_clip":
+        arch, _, tag = name.partition(":")
+        if not arch: raise ValueError("open_clip models are named 'open_clip:ARCH[:PRETRAINED]', e.g. 'open_clip:ViT-B-32:openai'")
+        return OpenClipModel(arch, tag or None)
+    if backend == "hf":
+        if not name: raise ValueError("Hugging Face models are named 'hf:ID' or 'hf:/local/folder'")
+        return HFModel(name)
     BACKENDS[backend]  # names the known backends if this one is not registered
     raise ValueError(f"backend {backend!r} cannot build {name!r}")
+
+load_model = create_model
 
 def load(path) -> VLModel:
     "Load a model saved by `vlwb.core.save_checkpoint` (a directory, or its `model.safetensors`); never unpickles."

@@ -9,17 +9,19 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from .core import PairBatch, save_checkpoint
+from .data import PairDataModule
 from .models import create_model, VLModel
 from .losses import Objectives
 
 # %% auto #0
-__all__ = ['in_batch_accuracy', 'warmup_cosine', 'no_decay', 'VLModule', 'SafetensorsCheckpoint', 'quiet_lightning',
-           'make_trainer']
+__all__ = ['PRESETS', 'in_batch_accuracy', 'warmup_cosine', 'no_decay', 'second_view', 'VLModule', 'SafetensorsCheckpoint',
+           'quiet_lightning', 'check_precision', 'make_trainer', 'preset_path', 'VLCLI', 'train_cli']
 
 # %% ../nbs/06_train.ipynb #06-005
 def in_batch_accuracy(img_embed: torch.Tensor, text_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,7 +40,18 @@ def no_decay(name: str, p: torch.nn.Parameter) -> bool:
     "True for parameters kept out of weight decay: vectors (norm gains, biases, class token) and the logit scale."
     return p.ndim < 2 or "logit_scale" in name
 
-# %% ../nbs/06_train.ipynb #06-007
+# %% ../nbs/06_train.ipynb #06-008
+def second_view(images: torch.Tensor, min_scale: float = 0.7, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    "A randomly cropped and resized view of each image of `[B,3,H,W]` (same shape)."
+    B = len(images)
+    s = min_scale + (1 - min_scale) * torch.rand(B, generator=generator)
+    t = (1 - s)[:, None] * (2 * torch.rand(B, 2, generator=generator) - 1)
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = s, s, t
+    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+# %% ../nbs/06_train.ipynb #06-010
 class VLModule(L.LightningModule):
     "Train a `VLModel` with weighted objectives (Lightning: CPU, GPU or many nodes)."
     def __init__(self, model: str | dict = "builtin:tiny", # "builtin:tiny", a spec dict, or a checkpoint directory
@@ -62,7 +75,13 @@ class VLModule(L.LightningModule):
     def _step(self, batch: Optional[PairBatch], stage: str):
         if batch is None: return None # every sample of the batch was skipped as unreadable: skip the step
         img, txt = self(batch)
-        losses = self.objectives(img, txt, batch, self.model.scale)
+        if self.objectives.views > 1: # the view depends on the step only, so a resumed run draws the same views
+            g = torch.Generator().manual_seed(2 * self.global_step + (stage != "train"))
+            img2 = self.model.encode_image(second_view(batch.images, generator=g))
+        else: img2 = None
+        try: losses = self.objectives(img, txt, batch, self.model.scale, img2)
+        except FloatingPointError as e: # stop here: the last checkpoint on disk is from before the bad step
+            raise FloatingPointError(f"step {self.global_step} ({stage}): {e}") from None
         i2t, t2i = in_batch_accuracy(img.embed.detach(), txt.embed.detach()[batch.caption_index()])
         logs = {f"{stage}/{k}": v.detach() for k, v in losses.items()}
         logs.update({f"{stage}/i2t_acc": i2t, f"{stage}/t2i_acc": t2i, f"{stage}/logit_scale": self.model.scale.detach()})
@@ -70,6 +89,9 @@ class VLModule(L.LightningModule):
         self.log(f"{stage}_loss", losses["loss"].detach(), prog_bar=True, on_step=stage == "train", on_epoch=stage != "train",
                  batch_size=batch.n_images)
         return losses["loss"]
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.batches_taken = batch_idx + 1 # read by ResumableLoader.state_dict when a checkpoint is saved after this batch
 
     def training_step(self, batch, batch_idx): return self._step(batch, "train")
     def validation_step(self, batch, batch_idx): return self._step(batch, "val")
@@ -86,7 +108,7 @@ class VLModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, h.warmup_steps, total, h.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-# %% ../nbs/06_train.ipynb #06-009
+# %% ../nbs/06_train.ipynb #06-012
 class SafetensorsCheckpoint(L.Callback):
     "Save the model as safetensors + JSON config every `every_n_steps` and when training ends."
     def __init__(self, dirpath, # where model.safetensors and config.json go
@@ -110,25 +132,76 @@ def quiet_lightning():
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"): logging.getLogger(name).setLevel(logging.ERROR)
     for pattern in (".*does not have many workers.*", ".*LitLogger.*", ".*LeafSpec.*",
                     ".*Total length of `list` across ranks is zero.*",
-                    ".*train_dataloader yielded None.*"): # a batch of only unreadable samples: skipped on purpose
+                    ".*train_dataloader yielded None.*", # a batch of only unreadable samples: skipped on purpose
+                    ".*LightningCLI's args parameter is intended.*"): # `vlwb train` hands its arguments to LightningCLI
         warnings.filterwarnings("ignore", pattern)
+
+def check_precision(precision, accelerator) -> None:
+    "Refuse fp16 on the CPU, explaining why; bf16-mixed and 32 are fine there."
+    if str(precision) in ("16", "16-mixed", "16-true") and str(accelerator) == "cpu":
+        raise ValueError(f"precision={precision!r} on the CPU is refused: CPUs have no fast fp16 arithmetic (here fp16 matmuls "
+                         "run about 100x slower than fp32) and fp16 needs loss scaling; use precision='bf16-mixed' or '32' on the CPU, fp16 on GPUs")
 
 def make_trainer(out, # run folder: logs/ (CSV) and checkpoint/ go here
                  max_steps: int = 1000, # optimiser steps
-                 val_every: Optional[int] = None, # validate every this many steps (None: once per epoch)
+                 val_every: Optional[int] = None, # validate every this many steps (None: once, at the end)
                  progress: bool = True, # progress bar
                  save_every: int = 0, # checkpoint every this many steps as well as at the end
                  **kwargs, # more `lightning.Trainer` arguments (accelerator, devices, strategy, precision, ...)
                 ) -> L.Trainer:
     "A Lightning `Trainer` logging to `out/logs` as CSV and checkpointing to `out/checkpoint` as safetensors."
     out = Path(out)
-    if kwargs.get("precision") in ("16-mixed", "16", 16, "16-true") and kwargs.get("accelerator", "cpu") == "cpu":
-        raise ValueError("fp16 on the CPU is not supported by vlwb: it is far slower than fp32 there; use precision='32'")
+    check_precision(kwargs.get("precision"), kwargs.get("accelerator", "cpu"))
     kw = dict(accelerator="cpu", devices=1, max_steps=max_steps, logger=CSVLogger(out, name="logs", version=""),
               callbacks=[SafetensorsCheckpoint(out / "checkpoint", save_every)] + ([TQDMProgressBar()] if progress else []),
               enable_checkpointing=False,
               enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=1, deterministic=True,
               num_sanity_val_steps=0)
-    if val_every: kw.update(val_check_interval=val_every, check_val_every_n_epoch=None)
+    # training data is an endless stream (`ResumableLoader`): one epoch is the whole run, validation is counted in steps
+    kw.update(val_check_interval=min(val_every or max_steps, max_steps), check_val_every_n_epoch=None)
     kw.update(kwargs)
     return L.Trainer(**kw)
+
+# %% ../nbs/06_train.ipynb #06-018
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+PRESETS = ("clip", "siglip", "filip", "dreamlip", "tcl", "negclip")
+
+def preset_path(name: str) -> Path:
+    "The YAML of a training preset shipped with vlwb."
+    p = Path(__file__).parent / "configs" / f"{name}.yaml"
+    if not p.exists(): raise FileNotFoundError(f"no preset {name!r}; known: {', '.join(PRESETS)}")
+    return p
+
+class VLCLI(LightningCLI):
+    "LightningCLI for `VLModule` + `PairDataModule` with vlwb's run folder layout, CSV log and safetensors checkpoints."
+    def add_arguments_to_parser(self, parser):
+        parser.add_argument("--out", default="runs/train", help="run folder: logs/, checkpoint/ (safetensors), resume/ (Lightning)")
+        parser.add_argument("--save_every", type=int, default=100, help="save checkpoint/ and resume/ every this many steps")
+        parser.add_argument("--progress", type=bool, default=True, help="show a progress bar")
+
+    def instantiate_trainer(self, **kwargs):
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        out, every = Path(cfg.out), cfg.save_every
+        t = cfg.trainer
+        check_precision(t.precision, t.accelerator)
+        kwargs.update(default_root_dir=str(out), enable_checkpointing=True, enable_progress_bar=cfg.progress,
+                      logger=CSVLogger(out, name="logs", version=""))
+        mine = [SafetensorsCheckpoint(out / "checkpoint", every),
+                ModelCheckpoint(dirpath=out / "resume", every_n_train_steps=every, save_last=True, save_top_k=-1)]
+        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        config["callbacks"] = list(config.get("callbacks") or []) + ([TQDMProgressBar()] if cfg.progress else [])
+        return self._instantiate_trainer(config, mine + extra)
+
+def train_cli(args: list[str]) -> None:
+    "`vlwb train ARGS`: fit with LightningCLI (`--config PRESET.yaml`, any flag; `--ckpt_path` resumes with weights_only=True)."
+    quiet_lightning()
+    args = list(args)
+    if args and not args[0].startswith("-") and args[0] in PRESETS: args = ["--config", str(preset_path(args[0]))] + args[1:]
+    if any(a.startswith("--ckpt_path") for a in args) and not any(a.startswith("--weights_only") for a in args):
+        args += ["--weights_only", "true"]
+    VLCLI(VLModule, PairDataModule, args=["fit"] + args, seed_everything_default=0, save_config_kwargs={"overwrite": True},
+          trainer_defaults=dict(accelerator="cpu", devices=1, deterministic=True, log_every_n_steps=1, num_sanity_val_steps=0,
+                                enable_model_summary=False))
