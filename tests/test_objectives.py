@@ -182,3 +182,21 @@ def test_non_finite_loss_names_the_objective():
     nan = u.clone(); nan[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="objective 'siglip'"):
         Objectives({"siglip": 1.0})(ImageEnc(nan, nan[:, None], (1, 1)), TextEnc(u, u[:, None], torch.ones(2, 1, dtype=torch.bool)), b, torch.tensor(5.))
+
+
+def test_tcl_terms_reward_matching_views_and_own_tokens():
+    from vlwb.losses import TclObjective
+    B, I, L, D = 4, 5, 3, 16
+    u = _unit(B, D, seed=20)
+    cap, sub = _unit(B, D, seed=21), _unit(B, D, seed=22)
+    ti = torch.cat([torch.arange(B), torch.arange(B)])
+    kinds = torch.tensor([TextKind.caption] * B + [TextKind.subcaption] * B)
+    def terms(img2_embed, sub_embed, patches, words):
+        c = _contrast(u, torch.cat([cap, sub_embed]), ti, kinds, img_tokens=patches,
+                      txt_tokens=torch.cat([words, words]), txt_mask=torch.ones(2 * B, L, dtype=torch.bool),
+                      img2=ImageEnc(img2_embed, patches, (1, I)))
+        return TclObjective()(c, torch.tensor(20.))
+    same = terms(u, cap, u[:, None].expand(B, I, D), cap[:, None].expand(B, L, D)) # views agree, tokens are their global
+    other = terms(u[torch.tensor([1, 2, 3, 0])], sub, _unit(B, I, D, seed=23), _unit(B, L, D, seed=24))
+    assert same["tcl_imc"] < 0.01 < other["tcl_imc"]
+    assert same["tcl_lmi"] < 0.01 < other["tcl_lmi"]
