@@ -86,6 +86,11 @@ def main(argv=None):
     s.add_argument("--workers", type=int, default=None, help="processes (default: the CPU count)")
     sub.add_parser("train", help="train with LightningCLI: vlwb train --config vlwb/configs/clip.yaml [--flags] (see vlwb train --help)",
                    add_help=False)
+    e = sub.add_parser("eval", help="evaluate a model: zero-shot, retrieval, compositional probes, pointing game, geometry")
+    e.add_argument("--model", default="runs/quickstart/checkpoint", help="anything load_model accepts (default: the quick start's)")
+    e.add_argument("--data", default="runs/quickstart/shapes/test.jsonl", help="a split with captions (shapes world splits have every field)")
+    e.add_argument("--tasks", default="all", help="comma-separated: zeroshot,retrieval,compositional,winoground,pointing,geometry")
+    e.add_argument("--out", default=None, help="write the results here as JSON (CLIP_benchmark's layout)")
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="count good and skipped records (by reason) of a pair source")
@@ -106,6 +111,14 @@ def main(argv=None):
         paths = generate_shapes_world(a.out, a.n_train, a.n_val, a.n_test, seed=a.seed, size=a.size,
                                       max_objects=a.max_objects, shard_size=a.shard_size, workers=a.workers)
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    elif a.command == "eval":
+        from vlwb.eval import evaluate, write_results, TASKS
+        from vlwb.models import load_model
+        tasks = TASKS if a.tasks == "all" else tuple(t.strip() for t in a.tasks.split(","))
+        m = evaluate(load_model(a.model), a.data, tasks)
+        width = max(map(len, m))
+        print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in m.items()))
+        if a.out: print(f"wrote {write_results(a.out, m, a.model, a.data)}")
     elif a.command == "data":
         import json
         from vlwb.data import check_pairs, format_check

@@ -104,11 +104,19 @@ def centre_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
     left, top = (w - side) // 2, (h - side) // 2
     return left, top, left + side, top + side
 
+from functools import lru_cache
+
+@lru_cache(maxsize=16)
+def _norm_arrays(mean: tuple, std: tuple) -> tuple[np.ndarray, np.ndarray]:
+    "Per-channel offset and factor mapping uint8 pixels to normalised values: (x/255 - mean)/std = x*a + b."
+    m, s = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    return 1 / (255 * s), -m / s
+
 def image_to_tensor(im: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
     "Centre-crop to a square, resize to `size`x`size`, scale to [0,1] and normalise: `[3,size,size]`."
     if im.size != (size, size): im = im.resize((size, size), Image.Resampling.BICUBIC, box=centre_crop_box(*im.size))
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.).permute(2, 0, 1)
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    a, b = _norm_arrays(tuple(mean), tuple(std))
+    return torch.from_numpy(np.ascontiguousarray((np.asarray(im, dtype=np.float32) * a + b).transpose(2, 0, 1)))
 
 def labels_to_masks(labels: Image.Image, size: int, n_objects: int) -> torch.Tensor:
     "A label map (0 background, k+1 object k) cropped and resized like its image: boolean masks `[K,size,size]`."
@@ -118,6 +126,7 @@ def labels_to_masks(labels: Image.Image, size: int, n_objects: int) -> torch.Ten
 
 def fit_boxes(boxes: torch.Tensor, w: int, h: int, size: int) -> torch.Tensor:
     "Boxes `[K,4]` (x0,y0,x1,y1 pixels of a `w`x`h` image) in the coordinates of the cropped, resized model input."
+    if w == h == size: return boxes.clamp(0, size)
     left, top, right, _ = centre_crop_box(w, h)
     s = size / (right - left)
     out = (boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)) * s
@@ -246,6 +255,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                  skip_bad: bool = True, # skip undecodable images (item None, counted) instead of raising
                  max_pixels: int = MAX_PIXELS, # refuse larger images (decompression bombs)
                  on_skip=_log_warning, # called with (reason, message) for each record skipped while reading
+                 masks: bool = True, # decode each record's label map into `masks` (training objectives do not need them)
                 ):
         self.path = Path(path)
         self.records, self.skipped = load_records(self.path, image_key, caption_key, on_skip)
@@ -254,6 +264,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             raise ValueError(f"dataset {self.path} has no records{why}")
         self.root = Path(image_root) if image_root else (self.path if self.path.is_dir() else self.path.parent)
         self.image_size, self.mean, self.std, self.skip_bad, self.max_pixels = image_size, mean, std, skip_bad, max_pixels
+        self.load_masks = masks
 
     def __len__(self): return len(self.records)
 
@@ -270,7 +281,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         r = self.records[i]
         try:
             im = load_image(self.image_path(i), self.max_pixels)
-            mask = load_image_raw(_resolve(r["mask"], self.root)) if r.get("mask") else None
+            mask = load_image_raw(_resolve(r["mask"], self.root)) if r.get("mask") and self.load_masks else None
             item = make_item(r, im, self.image_size, self.mean, self.std, mask)
             if draw is not None: item["draw"] = draw
             return item
@@ -381,8 +392,10 @@ class ShardedPairs(torch.utils.data.IterableDataset):
                  seed: int = 0,
                  rank: Optional[int] = None, world_size: Optional[int] = None, # default: from torch.distributed or env
                  max_pixels: int = MAX_PIXELS,
+                 masks: bool = True, # decode `<key>.mask.png` into `masks`
                 ):
         self.shards = expand_shards(shards)
+        self.load_masks = masks
         self.counts = _shard_counts(self.shards)
         self.image_size, self.mean, self.std, self.max_pixels = image_size, mean, std, max_pixels
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
@@ -434,7 +447,7 @@ class ShardedPairs(torch.utils.data.IterableDataset):
         else: raise BadSample("empty caption", f"sample {key} has neither .json nor .txt")
         rec = normalise_record(dict(rec, image=rec.get("image") or f"{key}.{img_ext}"))
         im = load_image(sample[img_ext], self.max_pixels)
-        mask = Image.open(io.BytesIO(sample["mask.png"])) if "mask.png" in sample else None
+        mask = Image.open(io.BytesIO(sample["mask.png"])) if "mask.png" in sample and self.load_masks else None
         return make_item(rec, im, self.image_size, self.mean, self.std, mask)
 
     def __iter__(self):
@@ -504,10 +517,11 @@ def is_shards(path) -> bool:
     p = Path(s)
     return p.is_dir() and any(p.glob("*.tar")) and not any(q.suffix.lower() in IMAGE_EXTENSIONS for q in p.iterdir())
 
-def open_pairs(path, image_size: int = 64, mean=CLIP_MEAN, std=CLIP_STD, shuffle_buffer: int = 0, seed: int = 0, **kw):
+def open_pairs(path, image_size: int = 64, mean=CLIP_MEAN, std=CLIP_STD, shuffle_buffer: int = 0, seed: int = 0,
+               masks: bool = True, **kw):
     "The dataset of any pair source: shards -> `ShardedPairs`, a file or image folder -> `ImageCaptionDataset`."
-    if is_shards(path): return ShardedPairs(path, image_size, mean, std, shuffle_buffer=shuffle_buffer, seed=seed, **kw)
-    return ImageCaptionDataset(path, image_size, mean=mean, std=std, **kw)
+    if is_shards(path): return ShardedPairs(path, image_size, mean, std, shuffle_buffer=shuffle_buffer, seed=seed, masks=masks, **kw)
+    return ImageCaptionDataset(path, image_size, mean=mean, std=std, masks=masks, **kw)
 
 # %% ../nbs/02_data.ipynb #02-025
 from torch.utils.data.distributed import DistributedSampler
@@ -590,8 +604,9 @@ class PairDataModule(L.LightningDataModule):
         if h.shapes:
             if not (Path(h.shapes) / "train.jsonl").exists(): self.prepare_data()
             h.train, h.val = h.train or str(Path(h.shapes) / "train.jsonl"), h.val or str(Path(h.shapes) / "val.jsonl")
-        if self.train_ds is None: self.train_ds = open_pairs(h.train, h.image_size, shuffle_buffer=h.shuffle_buffer, seed=h.seed)
-        if h.val and self.val_ds is None: self.val_ds = open_pairs(h.val, h.image_size)
+        # masks are for evaluation and pictures; training objectives do not read them, so they are not decoded here
+        if self.train_ds is None: self.train_ds = open_pairs(h.train, h.image_size, shuffle_buffer=h.shuffle_buffer, seed=h.seed, masks=False)
+        if h.val and self.val_ds is None: self.val_ds = open_pairs(h.val, h.image_size, masks=False)
 
     def _loader(self, ds, train):
         h = self.hparams
