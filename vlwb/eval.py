@@ -299,7 +299,11 @@ def evaluate(model: VLModel, path, # a split with captions (shapes world splits 
     if {"zeroshot", "retrieval", "geometry"} & set(tasks):
         ds = ImageCaptionDataset(path, image_size=model.image_size, mean=model.image_mean, std=model.image_std, skip_bad=False)
         img, txt = encode_dataset(model, ds, progress=progress)
-        if "retrieval" in tasks: out.update(retrieval_metrics(img, txt, torch.arange(len(txt))))
+        if "retrieval" in tasks: # every caption of every image is a query, and a hit for its image (CLIP_benchmark)
+            caps = [(i, c) for i in range(len(ds)) for c in ds.captions(i)]
+            all_txt = torch.cat([model.encode_text([c for _, c in caps[b:b + 256]]).embed.cpu() for b in range(0, len(caps), 256)])
+            out.update(retrieval_metrics(img, all_txt, torch.tensor([i for i, _ in caps])))
+            out["retrieval_captions"] = len(caps)
         if "geometry" in tasks: out.update(embedding_geometry(img, txt))
         single = [i for i, r in enumerate(ds.records) if len(r.get("objects", [])) == 1]
         if "zeroshot" in tasks and single:
