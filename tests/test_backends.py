@@ -1,5 +1,4 @@
 "open_clip and Hugging Face backends on small configs built here: same pooled embeddings as the libraries, tokens, attention, checkpoints."
-import os
 import time
 
 import pytest

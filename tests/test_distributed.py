@@ -1,12 +1,11 @@
 "Two CPU processes under Lightning DDP (gloo) compute the loss and gradients of one process on the same global batch."
 import json
 
-import pytest
 import torch
 from safetensors.torch import save_file, load_file
 
 import lightning as L
-from vlwb.core import seed_everything, TextKind
+from vlwb.core import seed_everything
 from vlwb.data import PairCollate
 from vlwb.text import Tokenizer
 from vlwb.train import VLModule

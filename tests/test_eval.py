@@ -3,14 +3,13 @@ import json
 import math
 import random
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vlwb.core import ImageEnc, TextEnc, l2norm
 from vlwb.eval import (zeroshot_metrics, retrieval_metrics, winoground_scores, order_perturbations, embedding_geometry,
-                       pointing_game, compositional_probes, patch_hits, evaluate, EvalCallback, write_results)
+                       pointing_game, compositional_probes, patch_hits, evaluate, EvalCallback)
 from vlwb.models import VLModel
 from vlwb.text import Tokenizer
 
@@ -90,8 +89,6 @@ class Oracle(VLModel):
 def test_pointing_game_scores_an_oracle_perfectly_and_a_blind_model_like_its_baseline(world, monkeypatch):
     "The game itself is checked: a model whose words point at their objects hits every time; one pointing nowhere does not."
     from vlwb.data import ImageCaptionDataset
-    import vlwb.eval as E
-    ds = ImageCaptionDataset(world["test"])
     orig = ImageCaptionDataset.__getitem__
     oracle, blind = Oracle(), Oracle(blind=True)
     def getitem(self, i):
@@ -136,7 +133,6 @@ def test_eval_callback_logs_during_training(tmp_path, world):
     import pandas as pd
     from vlwb.data import PairDataModule
     from vlwb.train import VLModule, make_trainer
-    import vlwb.eval as E
     calls = []
     class Counting(EvalCallback):
         def on_train_batch_end(self, trainer, *a):

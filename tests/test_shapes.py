@@ -1,12 +1,10 @@
 "The shapes world: its objects, masks, relations, captions and hard negatives are what they claim to be."
 import hashlib
 import json
-import re
 from collections import Counter
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from vlwb.data import read_records, expand_shards, iter_tar_samples
 from vlwb.shapes import (SHAPES, COLORS, RELATIONS, NEGATIVE_KINDS, generate_shapes_world, make_record, relation)
@@ -93,7 +91,7 @@ def test_hard_negatives_are_false_and_swaps_keep_the_words(records):
 
 def test_splits_are_disjoint_and_deterministic(tmp_path):
     a = generate_shapes_world(tmp_path / "a", 30, 10, 20, seed=2, shard_size=16, progress=False)
-    b = generate_shapes_world(tmp_path / "b", 30, 10, 20, seed=2, shard_size=16, workers=1, progress=False)
+    generate_shapes_world(tmp_path / "b", 30, 10, 20, seed=2, shard_size=16, workers=1, progress=False)
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
     files = lambda root: {p.relative_to(root).as_posix(): digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
     assert files(tmp_path / "a") == files(tmp_path / "b") # byte-identical, PNGs and tar shards included, any worker count

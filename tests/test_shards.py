@@ -1,14 +1,11 @@
 "WebDataset shards: every rank and worker gets its own samples, ranks get equally many, shuffling is seeded."
 import os
-from collections import Counter
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
 
-from vlwb.data import ShardWriter, ShardedPairs, PairCollate, PairDataModule, encode_png
-from vlwb.text import Tokenizer
+from vlwb.data import ShardWriter, ShardedPairs, PairDataModule, encode_png
 import numpy as np
 
 
@@ -71,7 +68,7 @@ def test_under_torch_distributed_each_rank_reads_its_own_share(tmp_path):
     import socket
     with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
     os.environ["VLWB_TEST_PORT"] = str(port)
-    n = _write(tmp_path / "shards", [9, 9, 9])
+    _write(tmp_path / "shards", [9, 9, 9])
     mp.spawn(_ddp_worker, args=(2, tmp_path / "shards", tmp_path), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert len(got[0]) == len(got[1]) == 12 # 27 // 2 = 13 each, in whole batches of 4 (drop_last): 12

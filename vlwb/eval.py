@@ -114,7 +114,7 @@ def retrieval_metrics(image_embed: torch.Tensor, # `[N_images, D]`
     return out
 
 # %% ../nbs/07_eval.ipynb #07-018
-from .text import tokenize_words, join_words, noun_phrases, _singular, ADJECTIVES
+from .text import tokenize_words, join_words, _singular, ADJECTIVES
 
 def order_perturbations(caption: str, rand) -> list[str]:
     "ARO's four word-order perturbations of a caption (those equal to the caption are redrawn a few times, then dropped)."

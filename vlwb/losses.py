@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_losses.ipynb #05-003
 from __future__ import annotations
-import math, warnings
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Optional
 

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_shapes.ipynb #03-003
 from __future__ import annotations
-import io, json, os
+import json, os
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
 from multiprocessing import get_context
@@ -13,7 +13,6 @@ from statistics import NormalDist
 from typing import Optional
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .core import rng, atomic_write

@@ -80,8 +80,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=128)
     a = p.parse_args()
     import torch
-    import vlwb.shapes # imported (and warmed up) before any clock starts
-    _render(("train", 0, 50))
+    _render(("train", 0, 50)) # warm-up: the first call imports vlwb.shapes; no clock runs yet
     cpus = os.cpu_count() or 1
     print(f"shapes world generation, 64x64, {a.n} images ({cpus} CPUs)")
     for w in sorted({1, cpus}):
