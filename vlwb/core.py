@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['exists', 'default', 'l2norm', 'masked_mean', 'TextKind', 'PairBatch', 'ImageEnc', 'TextEnc', 'Registry',
-           'seed_everything', 'rng', 'pick_device', 'atomic_write', 'write_json', 'UnsafeCheckpointError',
+__all__ = ['exists', 'default', 'l2norm', 'masked_mean', 'TextKind', 'first_of_kind', 'PairBatch', 'ImageEnc', 'TextEnc',
+           'Registry', 'seed_everything', 'rng', 'pick_device', 'atomic_write', 'write_json', 'UnsafeCheckpointError',
            'refuse_pickle', 'save_checkpoint', 'read_checkpoint']
 
 # %% ../nbs/00_core.ipynb #00-006
@@ -52,6 +52,16 @@ def _move(x, device, non_blocking=False):
     if isinstance(x, (list, tuple)): return type(x)(_move(o, device, non_blocking) for o in x)
     return x
 
+def first_of_kind(text_image: torch.Tensor, text_kind: torch.Tensor, n_images: int, kind: int = 0) -> torch.Tensor:
+    "For each image, the index of its first text of `kind` (default: caption), -1 where it has none."
+    T = len(text_image)
+    hit = (text_kind == kind) & (text_image >= 0)
+    cand = torch.where(hit, torch.arange(T, device=text_image.device), T) # T: an index no text has
+    idx = torch.full((n_images,), T, dtype=torch.long, device=text_image.device)
+    idx = idx.scatter_reduce(0, text_image.clamp(min=0), cand, reduce="amin")
+    idx[idx == T] = -1
+    return idx
+
 @dataclass
 class PairBatch:
     "Images and the texts that describe them (or, for negatives, do not)."
@@ -85,12 +95,7 @@ class PairBatch:
 
     def caption_index(self) -> torch.Tensor:
         "For each image, the index of its first text of kind caption; raises if an image has none."
-        is_cap = (self.text_kind == TextKind.caption) & (self.text_image >= 0)
-        none = self.n_texts  # an index no text has
-        cand = torch.where(is_cap, torch.arange(self.n_texts, device=self.text_image.device), none)
-        idx = torch.full((self.n_images,), none, dtype=torch.long, device=self.text_image.device)
-        idx = idx.scatter_reduce(0, self.text_image.clamp(min=0), cand, reduce="amin")  # the first caption of each image
-        idx[idx == none] = -1
+        idx = first_of_kind(self.text_image, self.text_kind, self.n_images)
         if (idx < 0).any():
             raise ValueError(f"images {(idx < 0).nonzero().flatten().tolist()} have no text of kind caption in this batch")
         return idx

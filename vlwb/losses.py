@@ -12,11 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import ImageEnc, TextEnc, PairBatch, Registry, TextKind, l2norm
+from .core import ImageEnc, TextEnc, PairBatch, Registry, TextKind, l2norm, first_of_kind
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'dist_info', 'gather_rows', 'first_of_kind', 'Contrast', 'Objective', 'clip_loss', 'ClipObjective',
-           'SigLipObjective', 'filip_similarity', 'filip_similarity_naive', 'FilipObjective', 'MultiPositiveObjective',
+__all__ = ['OBJECTIVES', 'dist_info', 'gather_rows', 'Contrast', 'Objective', 'clip_loss', 'ClipObjective', 'SigLipObjective',
+           'filip_similarity', 'filip_similarity_naive', 'FilipObjective', 'MultiPositiveObjective',
            'GroupingObjective', 'HardNegativeObjective', 'TclObjective', 'Objectives']
 
 # %% ../nbs/05_losses.ipynb #05-006
@@ -50,16 +50,6 @@ def gather_rows(x: torch.Tensor, # `[n,...]` this rank's rows (n may differ betw
     return out.to(dtype) if dtype == torch.bool else out, sum(sizes[:rank])
 
 # %% ../nbs/05_losses.ipynb #05-007
-def first_of_kind(text_image: torch.Tensor, text_kind: torch.Tensor, n_images: int, kind: int = TextKind.caption) -> torch.Tensor:
-    "For each image, the index of its first text of `kind` (-1 where it has none)."
-    T = len(text_image)
-    hit = (text_kind == kind) & (text_image >= 0)
-    cand = torch.where(hit, torch.arange(T, device=text_image.device), T)
-    idx = torch.full((n_images,), T, dtype=torch.long, device=text_image.device)
-    idx = idx.scatter_reduce(0, text_image.clamp(min=0), cand, reduce="amin")
-    idx[idx == T] = -1
-    return idx
-
 @dataclass
 class Contrast:
     "The encodings of the whole (global) batch, how its texts relate to its images, and which rows are this rank's."
