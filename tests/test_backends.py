@@ -7,23 +7,7 @@ import torch.nn.functional as F
 
 from vlwb.core import save_checkpoint
 from vlwb.models import create_model, load_model, load, _pooled
-
-
-@pytest.fixture(scope="module")
-def open_clip_tiny():
-    from open_clip.factory import _MODEL_CONFIGS
-    _MODEL_CONFIGS["vlwb-test-vit"] = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
-                                           text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2))
-    torch.manual_seed(0)
-    return load_model("open_clip:vlwb-test-vit").eval()
-
-
-def _hf_config(kind):
-    from transformers import CLIPConfig, SiglipConfig
-    t = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16)
-    v = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
-    if kind == "clip": return CLIPConfig(text_config=t, vision_config=v, projection_dim=24).to_dict()
-    return SiglipConfig(text_config=dict(t, vocab_size=1000), vision_config=v).to_dict()
+from conftest import hf_config as _hf_config
 
 
 def test_open_clip_matches_the_library(open_clip_tiny):

@@ -91,6 +91,18 @@ def main(argv=None):
     e.add_argument("--data", default="runs/quickstart/shapes/test.jsonl", help="a split with captions (shapes world splits have every field)")
     e.add_argument("--tasks", default="all", help="comma-separated: zeroshot,retrieval,compositional,winoground,pointing,geometry")
     e.add_argument("--out", default=None, help="write the results here as JSON (CLIP_benchmark's layout)")
+    r = sub.add_parser("report", help="one self-contained HTML page of a run's figures (curves, metrics, word maps, attention)")
+    r.add_argument("run_dir", help="a run folder with checkpoint/ (e.g. runs/quickstart)")
+    r.add_argument("--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
+    r.add_argument("--data", default=None, help="records to draw test images from (default: the run's shapes test split)")
+    r.add_argument("--n-images", type=int, default=4, help="test images with word maps, attention and caption comparison")
+    g = sub.add_parser("demo", help="a Gradio app: zero-shot, retrieval, word-patch alignment, attention, caption comparison")
+    g.add_argument("--model", action="append", default=None,
+                   help="anything load_model accepts; twice to compare two models (default: the quick start's, trained if absent)")
+    g.add_argument("--gallery", default=None, help="retrieval gallery: records or an image folder (default: the quick start's test split)")
+    g.add_argument("--share", action="store_true", help="ask Gradio for a public link (keeps serving locally if that fails)")
+    g.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="count good and skipped records (by reason) of a pair source")
@@ -119,6 +131,15 @@ def main(argv=None):
         width = max(map(len, m))
         print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in m.items()))
         if a.out: print(f"wrote {write_results(a.out, m, a.model, a.data)}")
+    elif a.command == "report":
+        from vlwb.viz import write_report
+        print(f"wrote {write_report(a.run_dir, a.out, a.data, a.n_images)}")
+    elif a.command == "demo":
+        from vlwb.demo import serve, default_model
+        from vlwb.models import load_model
+        models = {spec: load_model(spec) for spec in a.model} if a.model else {"quickstart": default_model()}
+        gallery = a.gallery or ("runs/quickstart/shapes/test.jsonl" if Path("runs/quickstart/shapes/test.jsonl").exists() else None)
+        serve(models, gallery, share=a.share, host=a.host, port=a.port)
     elif a.command == "data":
         import json
         from vlwb.data import check_pairs, format_check

@@ -155,6 +155,10 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 # %% ../nbs/00_core.ipynb #00-020
+def _umask() -> int:
+    m = os.umask(0); os.umask(m)
+    return m
+
 def atomic_write(path, data, mode: str = "w"):
     "Write `data` (str or bytes, or a callable taking the temp path) to `path` through a temp file and a rename."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +168,7 @@ def atomic_write(path, data, mode: str = "w"):
         if callable(data): data(tmp)
         else:
             with open(tmp, mode) as f: f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask()) # mkstemp makes files private; the result gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp): os.unlink(tmp)

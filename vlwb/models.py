@@ -230,25 +230,35 @@ class BuiltinCLIP(VLModel):
 # %% ../nbs/04_models.ipynb #04-018
 def _mha_probs(mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
     "The attention probabilities `[B,heads,N,N]` an `nn.MultiheadAttention` computes for self-attention on `x`."
+    return _mha_forward(mha, x, attn_mask)[1]
+
+def _mha_forward(mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask: Optional[torch.Tensor]):
+    "Self-attention of an `nn.MultiheadAttention` on `x` written out: its output (in the module's layout) and probabilities."
     if not mha.batch_first: x = x.transpose(0, 1)
-    q, k, _ = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1)
-    q, k = (rearrange(t, "b n (h d) -> b h n d", h=mha.num_heads) for t in (q, k))
+    q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=mha.num_heads)
+               for t in F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
     s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
-    return s.softmax(-1)
+    p = s.softmax(-1)
+    out = mha.out_proj(rearrange(p @ v, "b h n d -> b n (h d)"))
+    return (out if mha.batch_first else out.transpose(0, 1)), p
 
 class _AttentionProbe:
-    "Pre-hooks on the attention modules of a tower that record each layer's attention probabilities."
+    "Forward hooks on a tower's attention modules: record each layer's probabilities and route its output through them."
     def __init__(self, modules: list):
         self.modules, self.maps, self.handles = modules, [], []
-    def hook(self, mod, args, kwargs):
+    def hook(self, mod, args, kwargs, output):
         x = args[0] if args else kwargs["query"]
-        self.maps.append(_mha_probs(mod, x, kwargs.get("attn_mask", args[4] if len(args) > 4 else None)))
+        if kwargs.get("key_padding_mask", args[3] if len(args) > 3 else None) is not None:
+            raise NotImplementedError("attention capture supports attn_mask, not key_padding_mask")
+        out, p = _mha_forward(mod, x, kwargs.get("attn_mask", args[4] if len(args) > 4 else None))
+        self.maps.append(p)
+        return out, None
     def __enter__(self):
         bad = [type(m).__name__ for m in self.modules if not isinstance(m, nn.MultiheadAttention)]
         if bad: raise NotImplementedError(f"attention capture supports nn.MultiheadAttention blocks, this tower has {bad[0]}")
-        self.handles = [m.register_forward_pre_hook(self.hook, with_kwargs=True) for m in self.modules]
+        self.handles = [m.register_forward_hook(self.hook, with_kwargs=True) for m in self.modules]
         return self
     def __exit__(self, *exc):
         for h in self.handles: h.remove()
