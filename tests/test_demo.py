@@ -1,6 +1,9 @@
 """`vlwb demo` in a subprocess on a free port, driven through HTTP with gradio_client: every tab answers, 50 concurrent
 requests succeed, bad input gets a message, nothing outside the app's folder is served, and the process stops cleanly."""
+import base64
+import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -86,9 +89,10 @@ def test_every_tab_answers(demo):
     assert right >= len(singles) / 2
     # retrieval: k images with their cosine, best first
     hits, note = c.predict("a red circle", 5, model, api_name="/retrieve")
-    cos = [float(h["caption"].split(":")[0].split()[1]) for h in hits]
-    assert len(hits) == 5 and cos == sorted(cos, reverse=True)
-    assert all(Image.open(h["image"]).size == (64, 64) for h in hits)
+    cos = [float(x) for x in re.findall(r"<figcaption>cos (-?[0-9.]+):", hits)]
+    assert len(cos) == 5 and cos == sorted(cos, reverse=True)
+    pngs = [base64.b64decode(b) for b in re.findall(r"src='data:image/png;base64,([^']+)'", hits)]
+    assert len(pngs) == 5 and all(Image.open(io.BytesIO(b)).size == (64, 64) for b in pngs) # real images, inlined
     # alignment, attention, compare: plotly figures
     path, rec = singles[0]
     words = c.predict(rec["captions"][0], model, api_name="/words")

@@ -11,11 +11,10 @@ import threading
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from PIL import Image
 
-from .data import BadSample, load_image, IMAGE_EXTENSIONS
+from .data import BadSample, load_image
 from .models import VLModel
 from .text import hard_negatives
 from . import viz
@@ -86,7 +85,7 @@ def _word_index(words: list[str], word) -> int:
 
 class DemoApp:
     "The models, a gallery embedded once per model, and one method per tab returning values and a notice."
-    def __init__(self, models: VLModel | dict, gallery=None, progress: bool = True):
+    def __init__(self, models: VLModel | dict, gallery=None):
         self.models = {"model": models} if isinstance(models, VLModel) else dict(models)
         if not self.models: raise ValueError("DemoApp needs at least one model")
         for m in self.models.values(): m.eval()
@@ -139,6 +138,17 @@ class DemoApp:
             sims = g @ m.encode_text([query]).embed[0]
         top = sims.argsort(descending=True)[:max(1, min(int(k), len(sims)))].tolist()
         return [(self.gallery_images[i], f"cos {float(sims[i]):.3f}: {self.gallery[i]['caption']}") for i in top], "; ".join(notes)
+
+    def retrieve_html(self, query: str, k: int = 8, model: Optional[str] = None):
+        "`retrieve` as an HTML grid with the images inlined (thumbnails of at most 192 pixels), and the notice."
+        import html
+        hits, note = self.retrieve(query, k, model)
+        cells = []
+        for im, caption in hits:
+            im = im.copy(); im.thumbnail((192, 192))
+            cells.append(f"<figure class='hit'><img src='{viz._data_uri(im)}' width='{max(im.size[0], 96)}'>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        return f"<div style='display:flex;flex-wrap:wrap;gap:8px'>{''.join(cells)}</div>", note
 
     def words(self, caption: str, model: Optional[str] = None) -> list[str]:
         "The caption's words as the model tokenises them (special tokens left out)."
@@ -252,8 +262,8 @@ def build_demo(app: DemoApp, examples: Optional[list] = None):
                 r_k = gr.Slider(1, 24, value=8, step=1, label="images")
                 r_model = model_pick()
             r_btn = gr.Button("search the gallery", variant="primary")
-            r_out, r_msg = gr.Gallery(label="nearest images", columns=8, height=300), gr.Markdown()
-            r_btn.click(shown(app.retrieve), [r_query, r_k, r_model], [r_out, r_msg], api_name="retrieve")
+            r_out, r_msg = gr.HTML(label="nearest images"), gr.Markdown()
+            r_btn.click(shown(app.retrieve_html), [r_query, r_k, r_model], [r_out, r_msg], api_name="retrieve")
         with gr.Tab("alignment"):
             with gr.Row():
                 a_img = ImageUpload(type="filepath", label="image", value=first_path, height=280)

@@ -6,14 +6,12 @@
 from __future__ import annotations
 import base64
 import csv
-import io
 import math
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
@@ -140,18 +138,18 @@ def explain(model: VLModel, image, caption: str) -> dict:
         if not ie.attn or not te.attn: raise NotImplementedError(f"{type(model).__name__} returned no attention maps")
         score = (ie.embed[0] * te.embed[0]).sum()
         grads = torch.autograd.grad(score, ie.attn + te.attn, allow_unused=True)
-    ie.attn, te.attn = [A.detach() for A in ie.attn], [A.detach() for A in te.attn]
+    img_attn, txt_attn = [A.detach().float() for A in ie.attn], [A.detach().float() for A in te.attn] # batch of one each
     gh, gw = ie.grid
     n = gh * gw
     keep = [k for k, s in enumerate(special) if not s]
     eot = _text_pool_index(model, mask)
-    img_layers = torch.stack([_pool_row(A[0].detach().float(), n) for A in ie.attn]).reshape(len(ie.attn), -1, gh, gw) # [layers,heads,gh,gw]
-    txt_layers = torch.stack([A[0, :, eot].detach().float() for A in te.attn])[..., keep] # [layers,heads,W]
-    rel_img = chefer_relevance([A[:1] for A in ie.attn], [g[:1] if g is not None else None for g in grads[:len(ie.attn)]])[0]
-    rel_txt = chefer_relevance([A[:1] for A in te.attn], [g[:1] if g is not None else None for g in grads[len(ie.attn):]])[0]
+    img_layers = torch.stack([_pool_row(A[0], n) for A in img_attn]).reshape(len(img_attn), -1, gh, gw) # [layers,heads,gh,gw]
+    txt_layers = torch.stack([A[0, :, eot] for A in txt_attn])[..., keep] # [layers,heads,W]
+    rel_img = chefer_relevance(img_attn, grads[:len(img_attn)])[0]
+    rel_txt = chefer_relevance(txt_attn, grads[len(img_attn):])[0]
     return {"image_attention": img_layers.cpu(), "text_attention": txt_layers.cpu(),
-            "image_rollout": _pool_row(attention_rollout([A[:1] for A in ie.attn])[0], n).reshape(gh, gw).cpu(),
-            "text_rollout": attention_rollout([A[:1] for A in te.attn])[0, eot, keep].cpu(),
+            "image_rollout": _pool_row(attention_rollout(img_attn)[0], n).reshape(gh, gw).cpu(),
+            "text_rollout": attention_rollout(txt_attn)[0, eot, keep].cpu(),
             "image_relevance": _pool_row(rel_img, n).reshape(gh, gw).cpu(),
             "text_relevance": rel_txt[eot, keep].cpu(),
             "words": [labels[k] for k in keep], "score": score.item(), "grid": (gh, gw)}

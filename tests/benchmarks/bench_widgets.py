@@ -39,7 +39,8 @@ def main(n=20):
             ex.w_tabs.selected_index = 1
             timed("layer/head", lambda: setattr(ex.w_head, "value", (ex.w_head.value + 2) % 4 - 1), "attention")
             ex.w_tabs.selected_index = 2
-            others = "\n".join(n["text"] for n in hard_negatives(ex.w_caption.value, per_kind=1)) + f"\n{i}"
+            gen = "\n".join(n["text"] for n in hard_negatives(ex.w_caption.value, per_kind=1))
+            others = gen if ex.w_others.value != gen else "\n".join(ex.entry["negatives"][:2]) # a change, so a redraw
             timed("caption comparison", lambda: setattr(ex.w_others, "value", others), "compare")
             x, cap = viz.prepare(tiny, ex.entry["image"]), ex.w_caption.value
             t0 = time.perf_counter(); viz.word_patch_alignment(tiny, x, cap); viz.explain(tiny, x, cap)
