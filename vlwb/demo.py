@@ -111,10 +111,11 @@ class DemoApp:
         im, notes = read_upload(image) if not isinstance(image, Image.Image) else (image, [])
         labels, more = parse_labels(labels_text)
         template = template if template and "{}" in template else "{}"
+        prompts = [template.replace("{}", l) for l in labels] # not str.format: other braces in a template stay as typed
         with self.lock:
             x = viz.prepare(m, im)
             img = m.encode_image(x).embed[0]
-            txt = torch.cat([m.encode_text([template.format(l) for l in labels[b:b + 256]]).embed for b in range(0, len(labels), 256)])
+            txt = torch.cat([m.encode_text(prompts[b:b + 256]).embed for b in range(0, len(prompts), 256)])
             p = (m.scale * (txt @ img)).softmax(0)
         order = p.argsort(descending=True)[:top].tolist()
         return {labels[i]: float(p[i]) for i in order}, "; ".join(notes + more)
@@ -209,22 +210,21 @@ import functools
 import logging
 log = logging.getLogger("vlwb.demo")
 
-def shown(fn, n_out: int = 1):
-    "Wrap a handler returning (values..., notice): failures become (empty values..., a message) instead of an error."
+def shown(fn):
+    "Wrap a handler returning (value, notice): a failure becomes (None, a message) instead of an error in the page."
     @functools.wraps(fn)
     def run(*args):
         try:
-            out = fn(*args)
-            values, note = (out[:-1], out[-1]) if n_out else ((), out)
-            return (*values, f"ℹ️ {note}" if note else "")
+            value, note = fn(*args)
+            return value, (f"ℹ️ {note}" if note else "")
         except InputError as e:
-            return (*([None] * n_out), f"⚠️ {e}")
+            return None, f"⚠️ {e}"
         except Exception as e: # never a stack trace in the page
             log.exception("demo handler %s failed", fn.__name__)
-            return (*([None] * n_out), f"⚠️ {type(e).__name__}: {e}")
+            return None, f"⚠️ {type(e).__name__}: {e}"
     return run
 
-def build_demo(app: DemoApp, examples: Optional[list] = None):
+def build_demo(app: DemoApp):
     "The Gradio Blocks of `app`: five tabs, each button also an API endpoint."
     import gradio as gr
 
@@ -304,7 +304,7 @@ def build_demo(app: DemoApp, examples: Optional[list] = None):
             c_btn.click(shown(app.compare), [c_img, c_cap, c_others, c_models], [c_plot, c_msg], api_name="compare")
     return demo
 
-# %% ../nbs/11_demo.ipynb #11-014
+# %% ../nbs/11_demo.ipynb #11-015
 def default_model(progress: bool = True) -> VLModel:
     "The quick start's model (`runs/quickstart/checkpoint`), trained first if it is not there."
     from vlwb.models import load
