@@ -32,9 +32,9 @@ MAX_LABELS = 2000
 MAX_CHARS = 1000
 
 def read_upload(path) -> tuple[Image.Image, list[str]]:
-    "An uploaded image as RGB, downscaled to `MAX_SIDE`, and the notices to show; `InputError` for what cannot be used."
+    "An uploaded image (path, bytes or PIL image) as RGB, downscaled to `MAX_SIDE`, and notices; `InputError` for what cannot be used."
     if path is None: raise InputError("upload an image first")
-    try: im = load_image(path)
+    try: im = path.convert("RGB") if isinstance(path, Image.Image) else load_image(path)
     except BadSample as e: raise InputError(f"{Path(str(path)).name} cannot be used: {e}") from None
     notes = []
     if max(im.size) > MAX_SIDE:
@@ -108,7 +108,7 @@ class DemoApp:
     def zeroshot(self, image, labels_text: str, template: str = "a photo of a {}.", model: Optional[str] = None, top: int = 10):
         "Softmax over typed labels: ({label: probability} of the top ones, notice)."
         m = self.model(model)
-        im, notes = read_upload(image) if not isinstance(image, Image.Image) else (image, [])
+        im, notes = read_upload(image)
         labels, more = parse_labels(labels_text)
         template = template if template and "{}" in template else "{}"
         prompts = [template.replace("{}", l) for l in labels] # not str.format: other braces in a template stay as typed
@@ -158,29 +158,27 @@ class DemoApp:
         _, _, labels, special = viz.token_labels(m, caption)
         return [l for l, s in zip(labels, special) if not s]
 
-    def alignment(self, image, caption: str, word: int | str = 0, model: Optional[str] = None):
-        "The word-patch alignment figure of a word of the caption (its index, or the word itself), and a notice."
+    def _image_caption(self, fn, image, caption: str, model: Optional[str]):
+        "Read the image and caption, run `fn(model, x, caption)` under the lock: (its result, the model's view, notices)."
         m = self.model(model)
-        im, notes = read_upload(image) if not isinstance(image, Image.Image) else (image, [])
+        im, notes = read_upload(image)
         caption, more = clean_caption(m, caption)
         with self.lock:
             x = viz.prepare(m, im)
-            al = viz.word_patch_alignment(m, x, caption)
+            out = fn(m, x, caption)
+        return out, viz.model_view(m, x), "; ".join(notes + more)
+
+    def alignment(self, image, caption: str, word: int | str = 0, model: Optional[str] = None):
+        "The word-patch alignment figure of a word of the caption (its index, or the word itself), and a notice."
+        al, view, note = self._image_caption(viz.word_patch_alignment, image, caption, model)
         if not al["words"]: raise InputError("the caption has no words the model can align")
-        word = _word_index(al["words"], word)
-        return viz.alignment_figure(viz.model_view(m, x), al, token=word), "; ".join(notes + more)
+        return viz.alignment_figure(view, al, token=_word_index(al["words"], word)), note
 
     def attention(self, image, caption: str, layer: int = -1, head: int = -1, model: Optional[str] = None):
         "Class-token attention (layer, head; -1 = mean of the heads), rollout and gradient relevance, and a notice."
-        m = self.model(model)
-        im, notes = read_upload(image) if not isinstance(image, Image.Image) else (image, [])
-        caption, more = clean_caption(m, caption)
-        with self.lock:
-            x = viz.prepare(m, im)
-            ex = viz.explain(m, x, caption)
-        heads = ex["image_attention"].shape[1]
-        head = None if head is None or int(head) < 0 else min(int(head), heads - 1)
-        return viz.explanation_figure(viz.model_view(m, x), ex, layer=int(layer), head=head), "; ".join(notes + more)
+        ex, view, note = self._image_caption(viz.explain, image, caption, model)
+        head = None if head is None or int(head) < 0 else min(int(head), ex["image_attention"].shape[1] - 1)
+        return viz.explanation_figure(view, ex, layer=int(layer), head=head), note
 
     def negatives(self, caption: str) -> tuple[str, str]:
         "Hard negatives of the caption, one per line (attribute and relation swaps, object and attribute replacements), and a notice."
@@ -193,7 +191,7 @@ class DemoApp:
     def compare(self, image, caption: str, others: str = "", models: Optional[list] = None):
         "Caption comparison figure (probabilities and caption-to-patch maps) for one or two models, and a notice."
         names = [n for n in (models or [next(iter(self.models))])][:2]
-        im, notes = read_upload(image) if not isinstance(image, Image.Image) else (image, [])
+        im, notes = read_upload(image)
         caption, more = clean_caption(self.model(names[0]), caption)
         caps = list(dict.fromkeys([caption] + [" ".join(c.split())[:MAX_CHARS] for c in str(others or "").split("\n") if c.strip()]))[:12]
         if len(caps) < 2: notes.append("add other captions (one per line) or press 'hard negatives' to compare")

@@ -179,6 +179,12 @@ def _overlay(fig, im: Image.Image, heat: Optional[torch.Tensor], row=None, col=N
     fig.update_yaxes(visible=False, range=[H - 0.5, -0.5], scaleanchor="x" if row is None else None, **kw)
     return fig
 
+def _box_patch(fig, image: Image.Image, grid: tuple, patch: tuple, width: int, row: int, col: int):
+    "Outline patch `(row, col)` of a `grid` laid over `image` in one subplot."
+    (gh, gw), (W, H), (r, c) = grid, image.size, patch
+    fig.add_shape(type="rect", x0=c * W / gw - 0.5, x1=(c + 1) * W / gw - 0.5, y0=r * H / gh - 0.5, y1=(r + 1) * H / gh - 0.5,
+                  line=dict(color="cyan", width=width), row=row, col=col)
+
 def heatmap_figure(image: Image.Image, heat: torch.Tensor, title: str = "", colorscale: str = "Inferno") -> go.Figure:
     "One heat map `[gh,gw]` over an image."
     fig = _overlay(go.Figure(), image, heat, colorscale=colorscale, name=title)
@@ -198,8 +204,7 @@ def alignment_figure(image: Image.Image, # the image as the model saw it (`model
     _overlay(fig, image, maps[token], row=1, col=1, zmin=lo, zmax=hi, name=f"cos({words[token]}, patch)")
     gh, gw = alignment["grid"]; W, H = image.size
     r, c = alignment["best"][token]
-    fig.add_shape(type="rect", x0=c * W / gw - 0.5, x1=(c + 1) * W / gw - 0.5, y0=r * H / gh - 0.5, y1=(r + 1) * H / gh - 0.5,
-                  line=dict(color="cyan", width=3), row=1, col=1)
+    _box_patch(fig, image, alignment["grid"], (r, c), 3, row=1, col=1)
     fig.add_trace(go.Scatter(x=[(c + 0.5) * W / gw - 0.5], y=[(r + 0.5) * H / gh - 0.5], mode="markers", name="best patch",
                              marker=dict(symbol="x", size=10, color="cyan"), showlegend=False,
                              hovertemplate=f"best patch of '{words[token]}': row {r}, col {c}, cos {float(maps[token, r, c]):.3f}<extra></extra>"),
@@ -392,16 +397,14 @@ def _train_viz_model(out, steps, n_train, model, objective, seed, progress):
 def alignment_grid_figure(image: Image.Image, alignment: dict, per_row: int = 7, max_words: int = 21) -> go.Figure:
     "Every word's map over the image (rows of `per_row`, one colour scale), each best patch boxed."
     words = alignment["words"][:max_words]
-    maps, (gh, gw), (W, H) = alignment["maps"], alignment["grid"], image.size
+    maps = alignment["maps"]
     cols = min(per_row, len(words)); rows = math.ceil(len(words) / cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=words, horizontal_spacing=0.01, vertical_spacing=0.06)
     lo, hi = float(maps.min()), float(maps.max())
     for k in range(len(words)):
         r0, c0 = k // cols + 1, k % cols + 1
         _overlay(fig, image, maps[k], row=r0, col=c0, zmin=lo, zmax=hi, showscale=k == 0, name=words[k])
-        r, c = alignment["best"][k]
-        fig.add_shape(type="rect", x0=c * W / gw - 0.5, x1=(c + 1) * W / gw - 0.5, y0=r * H / gh - 0.5, y1=(r + 1) * H / gh - 0.5,
-                      line=dict(color="cyan", width=2), row=r0, col=c0)
+        _box_patch(fig, image, alignment["grid"], alignment["best"][k], 2, row=r0, col=c0)
     fig.update_layout(title="each word's similarity to each patch (FILIP); best patch boxed", width=max(400, 150 * cols + 60),
                       height=160 * rows + 70, margin=dict(l=10, r=10, t=60, b=10))
     return fig

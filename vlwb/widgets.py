@@ -204,10 +204,12 @@ class Explorer:
         "The figures of one view for the current choices (one per model shown)."
         names = self._model_names()
         if view == "alignment":
-            return [viz.alignment_figure(self._view(n), self._alignment(n),
-                                         token=min(self.w_token.value or 0, len(self._alignment(n)["words"]) - 1),
-                                         title=f"{n}: '{self._alignment(n)['words'][min(self.w_token.value or 0, len(self._alignment(n)['words']) - 1)]}'")
-                    for n in names]
+            figs = []
+            for n in names:
+                al = self._alignment(n)
+                t = min(self.w_token.value or 0, len(al["words"]) - 1) # model B may tokenise into fewer words
+                figs.append(viz.alignment_figure(self._view(n), al, token=t, title=f"{n}: '{al['words'][t]}'"))
+            return figs
         if view == "attention":
             figs = []
             for n in names:
