@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -29,12 +30,18 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
+def _ignore_sigint():
+    "What a background job of a non-interactive shell (or nohup) inherits: SIGINT ignored."
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def start_demo(args, tmp_path, timeout=120):
+    "`vlwb demo ARGS` in a subprocess started with SIGINT ignored, as from a background shell: (process, URL, log path)."
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     log = open(tmp_path / f"demo-{port}.log", "w+")
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from vlwb.cli import main; sys.exit(main())", "demo", "--port", str(port), *args], cwd=tmp_path, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=_ignore_sigint)
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None: raise RuntimeError(f"vlwb demo exited with {proc.returncode}: {Path(log.name).read_text()[-3000:]}")
@@ -47,9 +54,10 @@ def start_demo(args, tmp_path, timeout=120):
     raise TimeoutError(f"vlwb demo did not answer in {timeout} s: {Path(log.name).read_text()[-3000:]}")
 
 
-def stop(proc) -> int:
-    proc.send_signal(signal.SIGINT)
-    try: return proc.wait(30)
+def stop(proc, sig=signal.SIGINT) -> int:
+    "Send `sig` and return the exit code; fails if the process has not ended within 10 s."
+    proc.send_signal(sig)
+    try: return proc.wait(10)
     except subprocess.TimeoutExpired:
         proc.kill(); raise
 
@@ -168,6 +176,24 @@ def test_stops_cleanly_and_removes_uploads(demo):
     assert stop(proc) == 0
     assert "Traceback" not in log.read_text()
     assert not uploads.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_cleanly(clip_run, tmp_path, sig):
+    "Started with SIGINT ignored, the demo still ends on SIGINT and on SIGTERM: exit 0 within seconds, uploads folder gone."
+    ckpt, test = clip_run
+    proc, url, log = start_demo(["--model", str(ckpt)], tmp_path)
+    c = Client(url, verbose=False)
+    c.predict(handle_file(_single(test)[0][0]), "red, blue", "a {}", str(ckpt), api_name="/zeroshot")
+    uploads = Path(log.read_text().split("uploads in ")[1].split(",")[0])
+    assert uploads.is_dir()
+    t0 = time.time()
+    assert stop(proc, sig) == 0
+    print(f"{sig.name}: ended in {time.time() - t0:.1f} s")
+    text = log.read_text()
+    assert f"stopped by {sig.name}" in text and "Traceback" not in text, text[-2000:]
+    assert not uploads.exists()
+    assert not any(Path(tempfile.gettempdir()).glob(uploads.name)) # and nothing of that name left elsewhere
 
 
 def test_share_without_network_keeps_serving(clip_run, tmp_path):

@@ -6,8 +6,10 @@
 from __future__ import annotations
 import os
 import shutil
+import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +23,7 @@ from . import viz
 
 # %% auto #0
 __all__ = ['MAX_SIDE', 'MAX_LABELS', 'MAX_CHARS', 'log', 'InputError', 'read_upload', 'clean_caption', 'parse_labels',
-           'gallery_entries', 'DemoApp', 'shown', 'build_demo', 'default_model', 'serve']
+           'gallery_entries', 'DemoApp', 'shown', 'build_demo', 'default_model', 'wait_for_stop_signal', 'serve']
 
 # %% ../nbs/11_demo.ipynb #11-006
 class InputError(ValueError):
@@ -313,9 +315,25 @@ def default_model(progress: bool = True) -> VLModel:
         quickstart(progress=progress)
     return load(ckpt)
 
+def wait_for_stop_signal(demo) -> str:
+    """Block until SIGINT or SIGTERM arrives (or the server stops); returns what ended the wait.
+    Handlers are installed for both, so a server started with SIGINT ignored (a background job of a non-interactive
+    shell, `nohup`) still stops on Ctrl-C's signal, and `kill`'s SIGTERM ends it through the same cleanup."""
+    got = []
+    def handler(signum, frame): got.append(signal.Signals(signum).name)
+    if threading.current_thread() is not threading.main_thread(): # signals reach the main thread only
+        demo.block_thread()
+        return "stopped"
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while demo.is_running and not got: time.sleep(0.1)
+    finally:
+        for s, h in previous.items(): signal.signal(s, h)
+    return got[0] if got else "stopped"
+
 def serve(models: VLModel | dict, gallery=None, share: bool = False, host: str = "127.0.0.1", port: Optional[int] = None,
           block: bool = True):
-    "Start the app; returns (Gradio Blocks, DemoApp, local URL, public URL or None). Ctrl-C (or `demo.close()`) stops it."
+    "Start the app; returns (Gradio Blocks, DemoApp, local URL, public URL or None). SIGINT (Ctrl-C) or SIGTERM stops it and removes the uploads."
     app = DemoApp(models, gallery)
     os.environ["GRADIO_TEMP_DIR"] = app.upload_dir # uploads land in the app's own folder (read when gradio is imported)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -335,6 +353,10 @@ def serve(models: VLModel | dict, gallery=None, share: bool = False, host: str =
         print(f"vlwb demo: public link {public}" if public else
               f"vlwb demo: no public link ({why or 'Gradio could not reach its share server; is there a network?'}); serving locally only", flush=True)
     if block:
-        try: demo.block_thread()
-        finally: app.close()
+        how = "an error"
+        try: how = wait_for_stop_signal(demo)
+        finally:
+            demo.close()
+            app.close()
+            print(f"vlwb demo: stopped by {how}; uploads removed", flush=True)
     return demo, app, local, public
