@@ -1,6 +1,7 @@
 "Evaluation metrics on hand-built numbers, against CLIP_benchmark's own metric functions, and the probes on stub models."
 import json
 import math
+import re
 import random
 
 import pytest
@@ -58,6 +59,12 @@ def test_order_perturbations_keep_the_words():
     ps = order_perturbations(cap, random.Random(3))
     assert len(ps) == 4 and len(set(ps)) == 4 and cap not in ps
     for p in ps: assert sorted(p.split()) == sorted(cap.split())
+    # ARO's first perturbation shuffles nouns among nouns, then adjectives among adjectives: each keeps its slots
+    nouns, adjs = {"circle", "top", "left", "square", "right"}, {"small", "red", "large", "blue"}
+    for seed in range(20):
+        first = order_perturbations(cap, random.Random(seed))[0].split()
+        for w, orig in zip(first, cap.split()):
+            assert (w in nouns) == (orig in nouns) and (w in adjs) == (orig in adjs), (first, cap)
 
 
 class Oracle(VLModel):
@@ -117,16 +124,18 @@ class BagOfWords(VLModel):
         ids, mask = self._ids(texts, mask)
         e = torch.zeros(len(ids), 512)
         for t, text in enumerate(texts):
-            for w in text.replace("an ", "a ").split(): e[t, hash(w) % 512] += 1
+            for w in re.findall(r"[a-z]+", text.lower()): e[t, hash("a" if w == "an" else w) % 512] += 1 # words only
         return TextEnc(embed=l2norm(e), tokens=torch.zeros(len(ids), ids.shape[1], 512), mask=mask)
 
 
 def test_compositional_probes_catch_a_bag_of_words(world):
-    "Swaps keep the words, so a bag-of-words model ties on them (a tie is not a win): 0 on every swap probe and on order."
+    """Swaps keep the words, so a bag-of-words model ties on them. ARO's rules: a tie counts against the true caption in
+    VG-Relation and VG-Attribution (0 on every swap probe) and for the original in the order probe (1)."""
     m = compositional_probes(BagOfWords(), world["test"], progress=False)
     assert m["sugarcrepe_swap_attribute"] == m["sugarcrepe_swap_relation"] == m["aro_relation_macro"] == 0.0
-    assert m["aro_order"] == 0.0
-    assert {"sugarcrepe_replace_object", "sugarcrepe_replace_attribute", "aro_attribution"} <= set(m)
+    assert m["aro_attribution"] == 0.0
+    assert m["aro_order"] == 1.0
+    assert {"sugarcrepe_replace_object", "sugarcrepe_replace_attribute"} <= set(m)
 
 
 def test_eval_callback_logs_during_training(tmp_path, world):

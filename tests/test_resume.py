@@ -6,6 +6,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -26,8 +27,10 @@ def world(tmp_path_factory):
     return d
 
 
-def test_killed_mid_epoch_resumes_to_identical_weights(tmp_path, world):
-    base = ["clip", "--data.shapes", str(world)] + SMALL
+@pytest.mark.parametrize("preset", ["clip", "tcl"])
+def test_killed_mid_epoch_resumes_to_identical_weights(tmp_path, world, preset):
+    "SIGKILLed and resumed: the same weights as an uninterrupted run (for tcl, the momentum model and queues too)."
+    base = [preset, "--data.shapes", str(world)] + SMALL
     r = _train(*base, "--out", str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr[-3000:]
     # the same run, killed (SIGKILL: no clean-up) as soon as its step-4 checkpoint exists: 4 of 6 steps into the first pass
@@ -45,6 +48,11 @@ def test_killed_mid_epoch_resumes_to_identical_weights(tmp_path, world):
     assert r.returncode == 0, r.stderr[-3000:]
     wa, wb = load_file(tmp_path / "a" / "checkpoint" / "model.safetensors"), load_file(b / "checkpoint" / "model.safetensors")
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa), "resumed weights differ from the uninterrupted run"
+    if preset == "tcl": # Lightning's last checkpoint holds the whole module: momentum model and queues identical too
+        sa, sb = (torch.load(d / "resume" / "epoch=0-step=12.ckpt", weights_only=True)["state_dict"] for d in (tmp_path / "a", b))
+        extra = [k for k in sa if k.startswith(("momentum_model.", "objectives.terms.tcl."))]
+        assert any("queue.feats" in k for k in extra) and any(k.startswith("momentum_model.") for k in extra)
+        assert all(torch.equal(sa[k], sb[k]) for k in extra), [k for k in extra if not torch.equal(sa[k], sb[k])]
     # and the resumed run did resume: it did not start from step 0
     log = (b / "logs" / "metrics.csv").read_text().splitlines()
     assert log[-1].split(",")[1] == "13"

@@ -91,3 +91,16 @@ def test_collate_sub_captions_and_negatives():
     assert subs0 <= {tuple(tok(s)[0][0].tolist()) for s in split_sentences(LONG)} and len(subs0) == 3
     again = PairCollate(tok, n_subcaptions=3, n_negatives=2, seed=0)(items)
     assert torch.equal(again.text_ids, b.text_ids) # a seeded collate samples the same texts
+
+
+def test_negatives_never_replace_a_word_by_a_synonym_or_hypernym():
+    "Replacing man by person, bike by bicycle or sofa by couch leaves the caption true: such edits are never negatives."
+    from vlwb.text import hard_negatives, may_name_same
+    for a, b in [("man", "person"), ("bike", "bicycle"), ("sofa", "couch"), ("puppy", "dog"), ("airplane", "plane"),
+                 ("kitten", "cat"), ("woman", "lady"), ("small", "tiny"), ("large", "big")]:
+        assert may_name_same(a, b) and may_name_same(b, a), (a, b)
+        texts = {n["text"] for n in hard_negatives(f"a {a} beside a red car", ["replace_object", "replace_attribute"], per_kind=200)}
+        assert f"a {b} beside a red car" not in texts and texts, (a, b, texts)
+    # real replacements still happen
+    texts = {n["text"] for n in hard_negatives("a man beside a red car", ["replace_object"], per_kind=200)}
+    assert {"a woman beside a red car", "a man beside a red bus"} <= texts

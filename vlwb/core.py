@@ -120,6 +120,12 @@ class TextEnc:
     tokens: torch.Tensor # `[T,L,D]` token features projected to the joint space, L2-normalised
     mask: torch.Tensor # `[T,L]` True on real (non-padding) tokens
     attn: Optional[list] = None # per layer `[T,heads,L,L]` attention probabilities
+    words: Optional[torch.Tensor] = None # `[T,L]` True on word tokens: real and not special (start, end); the model says which
+
+    @property
+    def word_mask(self) -> torch.Tensor:
+        "`words` where the model gave it, else every real token."
+        return self.words if self.words is not None else self.mask
 
 # %% ../nbs/00_core.ipynb #00-014
 class Registry(dict):

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 import lightning as L
 
 from .core import PairBatch, TextKind
-from .text import Tokenizer, sample_subcaptions
+from .text import Tokenizer, sample_subcaptions, hard_negatives
 
 log = logging.getLogger("vlwb.data")
 
@@ -24,7 +24,7 @@ __all__ = ['log', 'CLIP_MEAN', 'CLIP_STD', 'IMAGE_EXTENSIONS', 'MAX_PIXELS', 'Ba
            'encode_png', 'centre_crop_box', 'image_to_tensor', 'labels_to_masks', 'fit_boxes', 'tensor_to_image',
            'read_records', 'normalise_record', 'load_records', 'make_item', 'ImageCaptionDataset', 'load_image_raw',
            'ShardWriter', 'expand_shards', 'iter_tar_samples', 'ShardedPairs', 'PairCollate', 'is_shards', 'open_pairs',
-           'StreamSampler', 'ResumableLoader', 'PairDataModule', 'check_pairs', 'format_check']
+           'StreamSampler', 'ResumableLoader', 'WithNeighbours', 'PairDataModule', 'check_pairs', 'format_check']
 
 # %% ../nbs/02_data.ipynb #02-006
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -479,11 +479,15 @@ class PairCollate:
                  merge: int = 1, # a sub-caption may join up to this many neighbouring sentences
                  n_negatives: int = 0, # hard negatives per image (those it has, up to this many)
                  seed: Optional[int] = None, # seeds the sampling (default: Python's global random state)
+                 negatives_from_caption: bool = False, # negatives are edits of the caption drawn this step (NegCLIP)
                 ):
         self.tokenizer, self.train, self.n_sub, self.merge, self.n_neg = tokenizer, train, n_subcaptions, merge, n_negatives
+        self.from_caption = negatives_from_caption
         self.rand = random.Random(seed) if seed is not None else None # None: Python's global state (picklable for workers)
 
     def __call__(self, items: Sequence[Optional[dict]]) -> Optional[PairBatch]:
+        if any(isinstance(it, tuple) for it in items): # (item, its neighbour) pairs: anchors first, then neighbours
+            items = [p[0] for p in items if p is not None] + [p[1] for p in items if p is not None]
         items = [it for it in items if it is not None]
         if not items: return None # every sample was skipped: the training step skips this batch
         R = self.rand or random
@@ -494,10 +498,14 @@ class PairCollate:
         for i, it in enumerate(items):
             if self.n_sub:
                 src = it["meta"].get("long") or it["captions"]
-                subs = sample_subcaptions(src, self.n_sub, rands[i] if self.train else random.Random(i), self.merge)
+                fixed = random.Random(str(src)) # evaluation: the same sub-captions for a record wherever it sits in a batch
+                subs = sample_subcaptions(src, self.n_sub, rands[i] if self.train else fixed, self.merge)
                 texts += subs; image_of += [i] * len(subs); kind += [int(TextKind.subcaption)] * len(subs)
-        for r, it in zip(rands, items):
+        for r, it, caption in zip(rands, items, list(texts)):
             negs = [n["text"] for n in it["meta"].get("negatives", [])]
+            if self.from_caption: # edits of this step's caption: the record's labelled ones, else made by rule
+                negs = [n["text"] for n in it["meta"].get("negatives", []) if n.get("positive") == caption] \
+                       or [n["text"] for n in hard_negatives(caption, rand=r, per_kind=max(1, self.n_neg))]
             if self.n_neg and negs:
                 negs = r.sample(negs, min(self.n_neg, len(negs))) if self.train else negs[:self.n_neg]
                 texts += negs; image_of += [-1] * len(negs); kind += [int(TextKind.negative)] * len(negs)
@@ -571,6 +579,23 @@ class ResumableLoader(torch.utils.data.DataLoader):
         if state: self.sampler.start = int(state["position"])
 
 # %% ../nbs/02_data.ipynb #02-027
+class WithNeighbours(torch.utils.data.Dataset):
+    "NegCLIP's hard-negative images: each item comes with one of its `k` nearest neighbours, drawn anew each time, as `(item, neighbour)`."
+    def __init__(self, ds: torch.utils.data.Dataset, # the dataset to draw from
+                 neighbours: torch.Tensor, # `[len(ds), k]` indices of each item's nearest neighbours
+                ):
+        if len(neighbours) != len(ds):
+            raise ValueError(f"the neighbour table has {len(neighbours)} rows for a dataset of {len(ds)} records; recompute it")
+        self.ds, self.neighbours = ds, neighbours
+
+    def __len__(self): return len(self.ds)
+
+    def __getitem__(self, key) -> tuple:
+        i, draw = key if isinstance(key, tuple) else (key, None)
+        r = random.Random(draw if draw is not None else i)
+        j = int(self.neighbours[i, r.randrange(self.neighbours.shape[1])])
+        return self.ds[key], self.ds[(j, r.getrandbits(31)) if draw is not None else j]
+
 class PairDataModule(L.LightningDataModule):
     "Train and validation pair sources (files, folders or shards) as Lightning dataloaders of `PairBatch`es."
     def __init__(self, train: Optional[str] = None, # training pairs: .jsonl/.csv/.tsv, an image folder, or WebDataset shards
@@ -583,6 +608,7 @@ class PairDataModule(L.LightningDataModule):
                  n_subcaptions: int = 0, # sub-captions per image (DreamLIP's multiple positives)
                  merge: int = 1, # neighbouring sentences a sub-caption may join
                  n_negatives: int = 0, # hard negatives per image
+                 negatives_from_caption: bool = False, # hard negatives are edits of the caption drawn that step (NegCLIP)
                  shuffle_buffer: int = 1000, # for shards: samples held for shuffling
                  shapes: Optional[str] = None, # instead of train/val: a shapes world folder (written there first if absent)
                  shapes_n_train: int = 4000, # images of that world's training split
@@ -592,6 +618,7 @@ class PairDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.tokenizer = Tokenizer(context_length)
         self.train_ds = self.val_ds = None
+        self.neighbours: Optional[torch.Tensor] = None # `[n,k]`: set (by `vlwb.train.HardNegativeImages`) to add NegCLIP's neighbour images
 
     def prepare_data(self):
         h = self.hparams
@@ -610,7 +637,11 @@ class PairDataModule(L.LightningDataModule):
 
     def _loader(self, ds, train):
         h = self.hparams
-        collate = PairCollate(self.tokenizer, train, h.n_subcaptions, h.merge, h.n_negatives)
+        collate = PairCollate(self.tokenizer, train, h.n_subcaptions, h.merge, h.n_negatives,
+                              negatives_from_caption=h.negatives_from_caption)
+        if train and self.neighbours is not None:
+            if isinstance(ds, ShardedPairs): raise ValueError("hard-negative images need a file or folder dataset, not shards")
+            ds = WithNeighbours(ds, self.neighbours) # batch_size anchors, each with a neighbour: 2 x batch_size images
         kw = dict(batch_size=h.batch_size, drop_last=train and len(ds) > h.batch_size, num_workers=h.num_workers,
                   collate_fn=collate, persistent_workers=h.num_workers > 0)
         if isinstance(ds, ShardedPairs):

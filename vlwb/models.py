@@ -50,6 +50,25 @@ class VLModel(nn.Module):
         "Clip the stored `logit_scale` in place (called after every optimiser step, as CLIP does)."
         self.logit_scale.clamp_(0, self.max_logit_scale)
 
+    @property
+    def embed_dim(self) -> int:
+        "Width of the joint space (measured on one text unless the backend says)."
+        with torch.no_grad(): return int(self.encode_text(["a"]).embed.shape[-1])
+
+    @property
+    def special_ids(self) -> set[int]:
+        "Ids of the tokenizer's special tokens (start, end, padding, ...): positions that are not words."
+        tok = getattr(self, "hf_tokenizer", None)
+        if tok is not None: return set(tok.all_special_ids)
+        tok = getattr(self, "tokenizer", None) or getattr(self, "bpe", None)
+        bpe = getattr(tok, "_bpe", tok)
+        if hasattr(bpe, "sot_token_id"): return {bpe.sot_token_id, bpe.eot_token_id, 0}
+        return set() # a backend without a known tokenizer (ids given directly): every real token counts as a word
+
+    def word_mask(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        "`[T,L]` True on positions that hold a word: real tokens that are not special."
+        return mask & ~torch.isin(ids, torch.tensor(sorted(self.special_ids), device=ids.device))
+
     def _ids(self, texts, mask):
         if isinstance(texts, torch.Tensor): return texts, (mask if mask is not None else texts != 0)
         ids, mask = self.tokenize(texts)
@@ -225,7 +244,8 @@ class BuiltinCLIP(VLModel):
         x, maps = self.text(x, allow, need_weights=attn)
         z = self.text_proj(self.text_norm(x))
         eot = mask.sum(1).clamp(min=1) - 1  # last real token
-        return TextEnc(embed=l2norm(z[torch.arange(len(z)), eot]), tokens=l2norm(z), mask=mask, attn=maps)
+        return TextEnc(embed=l2norm(z[torch.arange(len(z)), eot]), tokens=l2norm(z), mask=mask, attn=maps,
+                       words=self.word_mask(ids, mask))
 
 # %% ../nbs/04_models.ipynb #04-018
 def _mha_probs(mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -340,7 +360,8 @@ class OpenClipModel(VLModel):
                 with probe: pooled = self.net.encode_text(ids)
             else: pooled = self.net.encode_text(ids)
         finally: h.remove()
-        return TextEnc(embed=l2norm(pooled), tokens=l2norm(_project(seen["x"], proj)), mask=mask, attn=probe.maps if probe else None)
+        return TextEnc(embed=l2norm(pooled), tokens=l2norm(_project(seen["x"], proj)), mask=mask, attn=probe.maps if probe else None,
+                       words=self.word_mask(ids, mask))
 
 def _check_open_clip_cache(arch: str, tag: str):
     "Offline, fail at once (naming the file looked for) when a pretrained tag's weights are not in the local cache."
@@ -435,7 +456,8 @@ class HFModel(VLModel):
             pooled, tokens = self.net.text_projection(out.pooler_output), self.net.text_projection(out.last_hidden_state)
         else:
             pooled, tokens = out.pooler_output, tm.head(out.last_hidden_state)
-        return TextEnc(embed=l2norm(pooled), tokens=l2norm(tokens), mask=mask, attn=list(out.attentions) if attn else None)
+        return TextEnc(embed=l2norm(pooled), tokens=l2norm(tokens), mask=mask, attn=list(out.attentions) if attn else None,
+                       words=self.word_mask(ids, mask))
 
 # %% ../nbs/04_models.ipynb #04-022
 def create_model(spec: str | dict = "builtin:tiny", # "backend:name", a spec dict, or a checkpoint directory

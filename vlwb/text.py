@@ -8,10 +8,10 @@ from typing import Optional, Sequence
 import torch
 
 # %% auto #0
-__all__ = ['COLOR_WORDS', 'SIZE_WORDS', 'ADJECTIVES', 'NOUN_CATEGORIES', 'NOUNS', 'DETERMINERS', 'SPATIAL', 'VERBS',
-           'NEGATIVE_KINDS', 'Tokenizer', 'indefinite', 'fix_articles', 'split_sentences', 'subcaption_pool',
-           'sample_subcaptions', 'NounPhrase', 'plural', 'tokenize_words', 'join_words', 'noun_phrases', 'relations',
-           'hard_negatives']
+__all__ = ['COLOR_WORDS', 'SIZE_WORDS', 'ADJECTIVES', 'NOUN_CATEGORIES', 'NOUNS', 'SYNONYMS', 'HYPERNYMS', 'PERSON_ROLES',
+           'DETERMINERS', 'SPATIAL', 'VERBS', 'NEGATIVE_KINDS', 'Tokenizer', 'indefinite', 'fix_articles',
+           'split_sentences', 'subcaption_pool', 'sample_subcaptions', 'may_name_same', 'NounPhrase', 'plural',
+           'tokenize_words', 'join_words', 'noun_phrases', 'relations', 'hard_negatives']
 
 # %% ../nbs/01_text.ipynb #01-005
 class Tokenizer:
@@ -130,6 +130,24 @@ NOUN_CATEGORIES = {
               "sea", "lake", "river", "mountain", "hill", "building", "house", "city", "shop", "night", "day"),
 }
 NOUNS = {n: cat for cat, ns in NOUN_CATEGORIES.items() for n in ns}
+# Words that may name the same thing, so replacing one by the other does not make a caption false: synonyms (either
+# direction), hypernyms (the word and everything under it) and person roles, which a man, woman or child can hold.
+SYNONYMS = (("man", "guy"), ("woman", "lady"), ("child", "boy", "girl", "baby"), ("cat", "kitten"), ("dog", "puppy"),
+            ("bicycle", "bike"), ("motorcycle", "bike"), ("plane", "airplane"), ("rocket", "shuttle"), ("car", "taxi"),
+            ("sofa", "couch"), ("cup", "mug", "glass"), ("plate", "saucer"), ("table", "desk"), ("chair", "stool"),
+            ("cook", "chef"), ("picture", "image", "photo", "scene"), ("small", "tiny", "little"), ("large", "huge", "big"),
+            ("gray", "grey"), ("road", "street"), ("sea", "water"), ("lake", "water"), ("river", "water"), ("rock", "stone"))
+HYPERNYMS = {"person": NOUN_CATEGORIES["person"], "plant": ("tree", "flower", "leaf"), "toy": ("ball", "kite"),
+             "building": ("house", "shop"), "room": ("kitchen", "garage")}
+PERSON_ROLES = frozenset(("player", "cook", "chef", "rider", "photographer", "skier", "surfer", "doctor", "student",
+                          "teacher", "astronaut"))
+
+def may_name_same(a: str, b: str) -> bool:
+    "True when words `a` and `b` can describe the same thing (synonyms, a word and its hypernym, a person and a role)."
+    a, b = a.lower(), b.lower()
+    if a == b or any(a in g and b in g for g in SYNONYMS): return True
+    if a in HYPERNYMS.get(b, ()) or b in HYPERNYMS.get(a, ()): return True
+    return NOUNS.get(a) == NOUNS.get(b) == "person" and (a in PERSON_ROLES) != (b in PERSON_ROLES)
 _IRREGULAR_PLURALS = {"men": "man", "women": "woman", "children": "child", "people": "person", "mice": "mouse",
                       "feet": "foot", "teeth": "tooth", "sheep": "sheep", "fish": "fish", "knives": "knife",
                       "leaves": "leaf", "shelves": "shelf", "geese": "goose"}
@@ -295,7 +313,7 @@ def hard_negatives(caption: str, # a free-form English caption
             if cat in ("place",): continue
             is_plural = words[i].lower() != noun
             for alt in NOUN_CATEGORIES[cat]:
-                if alt in present or alt == noun: continue
+                if alt in present or may_name_same(alt, noun): continue # a synonym or hypernym keeps the caption true
                 out = list(words); out[i] = _match_case(plural(alt) if is_plural else alt, words[i])
                 candidates["replace_object"].append(out)
     if "replace_attribute" in kinds:
@@ -306,7 +324,7 @@ def hard_negatives(caption: str, # a free-form English caption
                 if kind == "other": continue
                 pool = COLOR_WORDS[:8] if kind == "color" else ("small", "large", "tiny", "huge")
                 for alt in pool:
-                    if alt in present or alt == words[i].lower(): continue
+                    if alt in present or may_name_same(alt, words[i]): continue
                     out = list(words); out[i] = _match_case(alt, words[i])
                     candidates["replace_attribute"].append(out)
     negs = []

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #06-003
 from __future__ import annotations
-import logging, math, warnings
+import copy, hashlib, json, logging, math, warnings
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -13,15 +13,18 @@ import torch.nn.functional as F
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.callbacks import TQDMProgressBar
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from .core import PairBatch, save_checkpoint
-from .data import PairDataModule
+from .core import PairBatch, atomic_write, save_checkpoint
+from .data import ImageCaptionDataset, PairDataModule
 from .models import create_model, VLModel
 from .losses import Objectives
 
 # %% auto #0
 __all__ = ['PRESETS', 'in_batch_accuracy', 'warmup_cosine', 'no_decay', 'second_view', 'VLModule', 'SafetensorsCheckpoint',
-           'quiet_lightning', 'check_precision', 'make_trainer', 'preset_path', 'VLCLI', 'train_cli']
+           'quiet_lightning', 'check_precision', 'make_trainer', 'model_fingerprint', 'dataset_fingerprint',
+           'image_neighbours', 'HardNegativeImages', 'preset_path', 'VLCLI', 'train_cli']
 
 # %% ../nbs/06_train.ipynb #06-005
 def in_batch_accuracy(img_embed: torch.Tensor, text_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,11 +44,14 @@ def no_decay(name: str, p: torch.nn.Parameter) -> bool:
     return p.ndim < 2 or "logit_scale" in name
 
 # %% ../nbs/06_train.ipynb #06-008
-def second_view(images: torch.Tensor, min_scale: float = 0.7, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    "A randomly cropped and resized view of each image of `[B,3,H,W]` (same shape)."
+def second_view(images: torch.Tensor, min_scale: float = 0.7, generator: Optional[torch.Generator] = None,
+                offset: int = 0, # index of the first image in the global batch: crops are drawn for the whole of it
+               ) -> torch.Tensor:
+    "A randomly cropped and resized view of each image of `[B,3,H,W]` (same shape); image k of the global batch gets crop k."
     B = len(images)
-    s = min_scale + (1 - min_scale) * torch.rand(B, generator=generator)
-    t = (1 - s)[:, None] * (2 * torch.rand(B, 2, generator=generator) - 1)
+    r = torch.rand(offset + B, 3, generator=generator)[offset:] # one draw: row k is image k's, whatever B is
+    s = min_scale + (1 - min_scale) * r[:, 0]
+    t = (1 - s)[:, None] * (2 * r[:, 1:] - 1)
     theta = torch.zeros(B, 2, 3)
     theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = s, s, t
     grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
@@ -62,24 +68,46 @@ class VLModule(L.LightningModule):
                  warmup_steps: int = 50, # linear warmup steps
                  min_lr_ratio: float = 0.0, # final learning rate as a fraction of `lr`
                  betas: tuple = (0.9, 0.98), eps: float = 1e-6, # AdamW, as CLIP
+                 merge_duplicates: bool = False, # texts with identical token ids are one text in every contrastive denominator
+                 momentum: float = 0.995, # EMA rate of the momentum model (kept only when an objective needs it)
                 ):
         super().__init__()
         self.save_hyperparameters()
         self.model: VLModel = create_model(model, **(model_config or {}))
-        self.objectives = Objectives(dict(objectives))
+        self.objectives = Objectives(dict(objectives), merge_duplicates, embed_dim=self.model.embed_dim)
+        self.momentum_model: Optional[VLModel] = None
+        if self.objectives.needs_momentum:
+            self.momentum_model = copy.deepcopy(self.model).requires_grad_(False)
 
     def forward(self, batch: PairBatch):
         "Both encodings of a batch."
         return self.model.encode_image(batch.images), self.model.encode_text(batch.text_ids, batch.text_mask)
 
+    @torch.no_grad()
+    def momentum_update(self):
+        "theta_m <- m theta_m + (1 - m) theta for every parameter; buffers copied."
+        m = self.hparams.momentum
+        for pm, p in zip(self.momentum_model.parameters(), self.model.parameters()): pm.mul_(m).add_(p.detach(), alpha=1 - m)
+        for bm, b in zip(self.momentum_model.buffers(), self.model.buffers()): bm.copy_(b)
+
+    @torch.no_grad()
+    def momentum_encodings(self, batch: PairBatch, stage: str) -> tuple:
+        "The momentum model's encodings of a second view of the images and of the texts (updated first when training)."
+        if stage == "train": self.momentum_update()
+        g = torch.Generator().manual_seed(2 * self.global_step + (stage != "train")) # a resumed run draws the same views
+        mm = self.momentum_model
+        view = second_view(batch.images, generator=g, offset=self.global_rank * batch.n_images) # ranks hold equal batches
+        return mm.encode_image(view), mm.encode_text(batch.text_ids, batch.text_mask)
+
+    def losses(self, batch: PairBatch, stage: str = "train") -> tuple:
+        "Encodings and objective terms of one batch: (ImageEnc, TextEnc, {name: loss, ..., 'loss': total})."
+        img, txt = self(batch)
+        mom = self.momentum_encodings(batch, stage) if self.momentum_model is not None else None
+        return img, txt, self.objectives(img, txt, batch, self.model.scale, mom, step=self.global_step)
+
     def _step(self, batch: Optional[PairBatch], stage: str):
         if batch is None: return None # every sample of the batch was skipped as unreadable: skip the step
-        img, txt = self(batch)
-        if self.objectives.views > 1: # the view depends on the step only, so a resumed run draws the same views
-            g = torch.Generator().manual_seed(2 * self.global_step + (stage != "train"))
-            img2 = self.model.encode_image(second_view(batch.images, generator=g))
-        else: img2 = None
-        try: losses = self.objectives(img, txt, batch, self.model.scale, img2)
+        try: img, txt, losses = self.losses(batch, stage)
         except FloatingPointError as e: # stop here: the last checkpoint on disk is from before the bad step
             raise FloatingPointError(f"step {self.global_step} ({stage}): {e}") from None
         i2t, t2i = in_batch_accuracy(img.embed.detach(), txt.embed.detach()[batch.caption_index()])
@@ -96,7 +124,9 @@ class VLModule(L.LightningModule):
     def training_step(self, batch, batch_idx): return self._step(batch, "train")
     def validation_step(self, batch, batch_idx): return self._step(batch, "val")
 
-    def on_train_batch_end(self, outputs, batch, batch_idx): self.model.clamp_logit_scale()
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.model.clamp_logit_scale()
+        self.objectives.after_step()
 
     def configure_optimizers(self):
         h = self.hparams
@@ -162,6 +192,79 @@ def make_trainer(out, # run folder: logs/ (CSV) and checkpoint/ go here
     kw.update(kwargs)
     return L.Trainer(**kw)
 
+# %% ../nbs/06_train.ipynb #06-012b
+def model_fingerprint(model: VLModel) -> str:
+    "A hash of a model's spec and weights: equal exactly when the model computes the same function."
+    h = hashlib.sha256(json.dumps(model.spec, sort_keys=True, default=str).encode())
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+def dataset_fingerprint(ds: ImageCaptionDataset) -> str:
+    "A hash of a dataset's records and of each image file's size and modification time."
+    h = hashlib.sha256(json.dumps(ds.records, sort_keys=True, default=str).encode())
+    for i in range(len(ds)):
+        p = ds.image_path(i)
+        st = p.stat() if p.exists() else None
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}" .encode() if st else f"{p}:missing".encode())
+    return h.hexdigest()
+
+@torch.no_grad()
+def image_neighbours(model: VLModel, # whose image embeddings define "near"
+                     ds: ImageCaptionDataset, # the training records
+                     k: int = 3, # neighbours per image (NegCLIP: 3)
+                     cache_dir=None, # where the table is kept (default: `.vlwb-cache` beside the records)
+                     batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+    """`[n,k]` indices of each image's `k` nearest other images by cosine of `model`'s image embeddings, computed once and
+    cached under a key of the model's weights, the records and image files, and `k`: a changed model or dataset is never
+    read from a stale table."""
+    if k < 1 or k >= len(ds): raise ValueError(f"k={k} neighbours need 1 <= k < {len(ds)} (the dataset's size)")
+    key = hashlib.sha256(f"{model_fingerprint(model)}:{dataset_fingerprint(ds)}:{k}".encode()).hexdigest()[:24]
+    cache = Path(cache_dir) if cache_dir else ds.path.parent / ".vlwb-cache"
+    path = cache / f"neighbours-{key}.safetensors"
+    if path.exists(): return load_file(str(path))["neighbours"]
+    was_training = model.training
+    model.eval()
+    view = ImageCaptionDataset(ds.path, image_size=model.image_size, mean=model.image_mean, std=model.image_std,
+                               image_root=ds.root, masks=False) # the neighbour model's own input size and normalisation
+    device = model.logit_scale.device
+    embeds, ok = [], []
+    for b in tqdm(range(0, len(view), batch_size), desc="neighbour embeddings", disable=not progress, leave=False):
+        items = [view[i] for i in range(b, min(b + batch_size, len(view)))]
+        ok += [it is not None for it in items]
+        good = [it["image"] for it in items if it is not None]
+        e = model.encode_image(torch.stack(good).to(device)).embed.float().cpu() if good else torch.zeros(0)
+        full = torch.zeros(len(items), e.shape[-1] if len(good) else 1)
+        full[[j for j, o in enumerate(items) if o is not None]] = e
+        embeds.append(full)
+    model.train(was_training)
+    E, ok = torch.cat(embeds), torch.tensor(ok)
+    sim = E @ E.T
+    sim[:, ~ok] = -torch.inf # an unreadable image is nobody's neighbour
+    sim.fill_diagonal_(-torch.inf) # nor its own
+    table = sim.topk(k, dim=1).indices
+    atomic_write(path, lambda tmp: save_file({"neighbours": table.contiguous()}, tmp))
+    return table
+
+class HardNegativeImages(L.Callback):
+    """NegCLIP's hard-negative images: before training, each training image's `k` nearest neighbours by a model's image
+    embeddings (by default the model being trained, as it is when the run starts); every step each image brings one of
+    them, with its captions, into the batch."""
+    def __init__(self, k: int = 3, # neighbours per image (NegCLIP: 3)
+                 model: Optional[str] = None, # a model spec or checkpoint for the embeddings; None: the model being trained
+                 cache_dir: Optional[str] = None, # where the neighbour table is cached (default: beside the records)
+                ):
+        self.k, self.model, self.cache_dir = k, model, cache_dir
+
+    def setup(self, trainer, pl_module, stage):
+        dm = trainer.datamodule
+        if not isinstance(dm, PairDataModule): raise ValueError("HardNegativeImages needs a PairDataModule")
+        if dm.train_ds is None: dm.setup(stage)
+        if not isinstance(dm.train_ds, ImageCaptionDataset):
+            raise ValueError("hard-negative images need a file or folder dataset (a neighbour table indexes its records), not shards")
+        model = create_model(self.model) if self.model else pl_module.model
+        dm.neighbours = image_neighbours(model, dm.train_ds, self.k, self.cache_dir, progress=trainer.is_global_zero)
+
 # %% ../nbs/06_train.ipynb #06-018
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -189,7 +292,8 @@ class VLCLI(LightningCLI):
         kwargs.update(default_root_dir=str(out), enable_checkpointing=True, enable_progress_bar=cfg.progress,
                       logger=CSVLogger(out, name="logs", version=""))
         mine = [SafetensorsCheckpoint(out / "checkpoint", every),
-                ModelCheckpoint(dirpath=out / "resume", every_n_train_steps=every, save_last=True, save_top_k=-1)]
+                ModelCheckpoint(dirpath=out / "resume", every_n_train_steps=every, save_last=True, save_top_k=-1,
+                                enable_version_counter=False)] # last.ckpt is the newest, also after a resume
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         config["callbacks"] = list(config.get("callbacks") or []) + ([TQDMProgressBar()] if cfg.progress else [])

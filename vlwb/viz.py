@@ -45,14 +45,14 @@ def prepare(model: VLModel, image) -> torch.Tensor:
     return t[None].to(model.logit_scale.device)
 
 def _vocab(model: VLModel):
-    "(id -> readable string, set of special ids) of the model's tokenizer."
+    "(id -> readable string, set of special ids) of the model's tokenizer; the model says which ids are special."
     tok = getattr(model, "hf_tokenizer", None)
     if tok is not None:
-        return (lambda i: tok.convert_ids_to_tokens(int(i)).replace("</w>", "").replace("▁", "")), set(tok.all_special_ids)
+        return (lambda i: tok.convert_ids_to_tokens(int(i)).replace("</w>", "").replace("▁", "")), model.special_ids
     tok = getattr(model, "tokenizer", None) or getattr(model, "bpe", None)
     bpe = getattr(tok, "_bpe", tok)
     if hasattr(bpe, "decoder"):
-        return (lambda i: bpe.decoder[int(i)].replace("</w>", "")), {bpe.sot_token_id, bpe.eot_token_id}
+        return (lambda i: bpe.decoder[int(i)].replace("</w>", "")), model.special_ids
     raise TypeError(f"cannot read the vocabulary of {type(model).__name__}'s tokenizer")
 
 def token_labels(model: VLModel, text: str) -> tuple[torch.Tensor, torch.Tensor, list[str], list[bool]]:
@@ -263,9 +263,7 @@ def caption_scores(model: VLModel, image, captions: Sequence[str]) -> dict:
     ie, te = model.encode_image(x), model.encode_text(list(captions))
     cos = (te.embed.float() @ ie.embed[0].float()).cpu()
     word_patch = te.tokens.float() @ ie.tokens[0].float().T # [C, L, N]
-    ids, mask = model.tokenize(list(captions))
-    _, special = _vocab(model)
-    words = mask & ~torch.isin(ids, torch.tensor(sorted(special)))
+    words = te.word_mask
     word_patch = word_patch.masked_fill(~words[..., None].to(word_patch.device), -2).amax(1).cpu()
     gh, gw = ie.grid
     return {"captions": list(captions), "cosine": cos, "probs": (model.scale.detach().cpu() * cos).softmax(0),
