@@ -103,6 +103,12 @@ def main(argv=None):
     g.add_argument("--share", action="store_true", help="ask Gradio for a public link (keeps serving locally if that fails)")
     g.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    st = sub.add_parser("study", help="arms x seeds at one budget: train, evaluate, tables with intervals and verdicts")
+    st.add_argument("spec", help="a study YAML (arms, baseline, seeds, model, steps, batch_size, world, claims)")
+    st.add_argument("--workers", type=int, default=1, help="runs in parallel processes")
+    st.add_argument("--runs", default="runs/studies", help="where run folders go (checkpoints: large)")
+    st.add_argument("--results", default="studies", help="where the tidy tables go (small: commit them)")
+    st.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="count good and skipped records (by reason) of a pair source")
@@ -140,6 +146,11 @@ def main(argv=None):
         models = {spec: load_model(spec) for spec in a.model} if a.model else {"quickstart": default_model()}
         gallery = a.gallery or ("runs/quickstart/shapes/test.jsonl" if Path("runs/quickstart/shapes/test.jsonl").exists() else None)
         serve(models, gallery, share=a.share, host=a.host, port=a.port)
+    elif a.command == "study":
+        from vlwb.study import Study, run_study, study_report
+        s = Study.load(a.spec)
+        out = run_study(s, a.runs, a.results, a.workers, progress=not a.no_progress)
+        print(study_report(s, out))
     elif a.command == "data":
         import json
         from vlwb.data import check_pairs, format_check

@@ -25,7 +25,7 @@ __all__ = ['as_image', 'prepare', 'token_labels', 'word_patch_alignment', 'align
            'chefer_relevance', 'explain', 'model_view', 'heatmap_figure', 'alignment_figure', 'attention_grid_figure',
            'explanation_figure', 'caption_scores', 'caption_comparison_figure', 'project_2d',
            'embedding_scatter_figure', 'read_metrics_csv', 'training_curves_figure', 'train_viz_model',
-           'alignment_grid_figure', 'write_report']
+           'alignment_grid_figure', 'study_figure', 'study_curves_figure', 'write_report']
 
 # %% ../nbs/08_viz.ipynb #08-006
 def as_image(x) -> Image.Image:
@@ -406,6 +406,53 @@ def alignment_grid_figure(image: Image.Image, alignment: dict, per_row: int = 7,
     fig.update_layout(title="each word's similarity to each patch (FILIP); best patch boxed", width=max(400, 150 * cols + 60),
                       height=160 * rows + 70, margin=dict(l=10, r=10, t=60, b=10))
     return fig
+
+# %% ../nbs/08_viz.ipynb #08-043b
+def study_figure(summary: list[dict], # rows of `vlwb.study.summarise` (arm, metric, mean, ci_low, ci_high)
+                 metrics: Sequence[str], # which metrics, one panel each
+                 baseline: Optional[str] = None, # drawn first, in grey
+                ) -> go.Figure:
+    "A study's arms side by side per metric: the mean over seeds as a bar, the 95% interval as its error bar."
+    rows = [r for r in summary if r["metric"] in metrics]
+    arms = list(dict.fromkeys([baseline] * bool(baseline) + [r["arm"] for r in rows]))
+    fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics))
+    colours = ["#999999" if a == baseline else c for a, c in zip(arms, _cycle_colours(len(arms)))]
+    for k, m in enumerate(metrics):
+        by = {r["arm"]: r for r in rows if r["metric"] == m}
+        xs = [a for a in arms if a in by]
+        fig.add_bar(x=xs, y=[by[a]["mean"] for a in xs], marker_color=[colours[arms.index(a)] for a in xs], showlegend=False,
+                    error_y=dict(type="data", symmetric=False, array=[by[a]["ci_high"] - by[a]["mean"] for a in xs],
+                                 arrayminus=[by[a]["mean"] - by[a]["ci_low"] for a in xs]),
+                    hovertemplate="%{x}: %{y:.3f}<extra>" + m + "</extra>", row=1, col=k + 1)
+    fig.update_layout(height=340, width=max(420, 260 * len(metrics)), margin=dict(t=40, b=10, l=10, r=10),
+                      title_text="mean over seeds, 95% interval")
+    return fig
+
+def study_curves_figure(curves: list[dict], # rows (arm, seed, step, loss) of a study's curves.csv
+                        smooth: int = 10, # moving average over this many steps
+                       ) -> go.Figure:
+    "Training loss of each arm: the mean over seeds as a line, one standard deviation as a band."
+    fig = go.Figure()
+    arms = list(dict.fromkeys(r["arm"] for r in curves))
+    for arm, colour in zip(arms, _cycle_colours(len(arms))):
+        runs = {}
+        for r in curves:
+            if r["arm"] == arm: runs.setdefault(r["seed"], {})[int(r["step"])] = float(r["loss"])
+        steps = sorted(set.intersection(*(set(v) for v in runs.values())))
+        ys = np.array([[runs[s][t] for t in steps] for s in runs])
+        if smooth > 1 and ys.shape[1] >= smooth:
+            k = np.ones(smooth) / smooth
+            ys, steps = np.array([np.convolve(y, k, mode="valid") for y in ys]), steps[smooth - 1:]
+        mean, std = ys.mean(0), ys.std(0)
+        fig.add_scatter(x=steps + steps[::-1], y=list(mean + std) + list((mean - std)[::-1]), fill="toself", fillcolor=colour,
+                        opacity=0.2, line=dict(width=0), hoverinfo="skip", showlegend=False)
+        fig.add_scatter(x=steps, y=mean, name=f"{arm} ({len(runs)} seeds)", line=dict(color=colour))
+    fig.update_layout(height=340, width=620, xaxis_title="step", yaxis_title="training loss", margin=dict(t=30, b=10, l=10, r=10))
+    return fig
+
+def _cycle_colours(n: int) -> list[str]:
+    from plotly.colors import qualitative
+    return [qualitative.Plotly[i % len(qualitative.Plotly)] for i in range(n)]
 
 # %% ../nbs/08_viz.ipynb #08-045
 def _report_data(run_dir: Path, data=None) -> Path:
