@@ -112,20 +112,25 @@ def test_pointing_game_scores_an_oracle_perfectly_and_a_blind_model_like_its_bas
 
 
 class BagOfWords(VLModel):
-    "A text encoder that sees only which words occur (no order, no binding), and an image encoder that sees nothing."
+    """A text encoder that sees only which words occur (no order, no binding), and an image encoder that sees nothing.
+    Its score is a number of the bag of words alone, carried exactly (the image is the first axis, the text's first
+    coordinate that number), so equal bags tie exactly, whatever rows the matrix product puts them in."""
     backend = "stub"
     def __init__(self):
         super().__init__()
         self.logit_scale = torch.nn.Parameter(torch.tensor(1.0)); self.tok = Tokenizer(32); self.image_size = 64
     def tokenize(self, texts): return self.tok(texts)
     def encode_image(self, images, attn=False):
-        return ImageEnc(embed=l2norm(torch.ones(len(images), 512)), tokens=torch.zeros(len(images), 64, 512), grid=(8, 8))
+        e = torch.zeros(len(images), 8); e[:, 0] = 1
+        return ImageEnc(embed=e, tokens=torch.zeros(len(images), 64, 8), grid=(8, 8))
     def encode_text(self, texts, mask=None, attn=False):
         ids, mask = self._ids(texts, mask)
-        e = torch.zeros(len(ids), 512)
+        e = torch.zeros(len(ids), 8)
         for t, text in enumerate(texts):
-            for w in re.findall(r"[a-z]+", text.lower()): e[t, hash("a" if w == "an" else w) % 512] += 1 # words only
-        return TextEnc(embed=l2norm(e), tokens=torch.zeros(len(ids), ids.shape[1], 512), mask=mask)
+            bag = sorted("a" if w == "an" else w for w in re.findall(r"[a-z]+", text.lower()))
+            v = (sum((k + 1) * sum(map(ord, w)) for k, w in enumerate(bag)) % 997) / 997
+            e[t, 0], e[t, 1] = v, math.sqrt(1 - v * v)
+        return TextEnc(embed=e, tokens=torch.zeros(len(ids), ids.shape[1], 8), mask=mask)
 
 
 def test_compositional_probes_catch_a_bag_of_words(world):

@@ -227,3 +227,19 @@ def test_build_merges_identical_token_ids():
     assert k[0] == k[2] == k[3] != k[1]
     fn = c.false_negatives(torch.arange(4), torch.arange(4))
     assert fn.tolist() == [[False, False, True, True], [False] * 4, [True, False, False, True], [True, False, True, False]]
+
+
+def test_tcl_ablations_drop_their_term():
+    N, D = 4, 8
+    v, t = _unit(N, D, seed=1), _unit(N, D, seed=2)
+    mask = torch.ones(N, 3, dtype=torch.bool)
+    c = Contrast(ImageEnc(v, _unit(N, 16, D, seed=3), (4, 4)), TextEnc(t, _unit(N, 3, D, seed=4), mask), torch.arange(N),
+                 torch.zeros(N, dtype=torch.long), slice(0, N), slice(0, N),
+                 img_m=ImageEnc(v, _unit(N, 16, D, seed=5), (4, 4)), txt_m=TextEnc(t, _unit(N, 3, D, seed=6), mask))
+    def tcl(**kw):
+        torch.manual_seed(0) # the same random queue to begin with
+        return TclObjective(D, 8, **kw)(c, torch.tensor(10.))
+    full = tcl()
+    assert set(tcl(imc=False)) == {"tcl_ita", "tcl_lmi"}
+    no_lmi = tcl(lmi=False)
+    assert set(no_lmi) == {"tcl_ita", "tcl_imc"} and torch.allclose(no_lmi["tcl_ita"], full["tcl_ita"])

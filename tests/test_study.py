@@ -74,3 +74,13 @@ def test_paired_differences_pair_runs_by_seed():
 def test_bad_spec_is_named(tmp_path):
     p = tmp_path / "bad.yaml"; p.write_text("- just a list\n")
     with pytest.raises(ValueError, match="a study is a YAML mapping"): Study.load(p)
+
+
+def test_a_changed_study_never_reuses_old_runs(tmp_path):
+    "A run folder made with other settings (more steps, say) is refused by name rather than skipped or resumed."
+    from vlwb.core import write_json
+    from vlwb.study import run_one
+    s = Study.from_dict(SPEC)
+    d = run_dir(tmp_path, "clip", 0)
+    write_json(d / "run.json", {"train": ["clip", "--trainer.max_steps", "999"], "tasks": s.tasks})
+    with pytest.raises(ValueError, match="was run with other settings"): run_one(s, s.arms[0], 0, tmp_path, tmp_path / "world")

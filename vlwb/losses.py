@@ -390,9 +390,11 @@ class TclObjective(Objective):
                  alpha: float = 0.4, # weight of the momentum model's soft targets (momentum distillation)
                  alpha_warmup: int = 0, # steps over which alpha ramps up from 0 (TCL: the first epoch)
                  pool: int = 4, # image locals: patch tokens average-pooled to a pool x pool grid (TCL: 16 locals)
+                 imc: bool = True, # the intra-modal term (False: an ablation)
+                 lmi: bool = True, # the local MI term (False: an ablation)
                 ):
         super().__init__()
-        self.alpha, self.alpha_warmup, self.pool = alpha, alpha_warmup, pool
+        self.alpha, self.alpha_warmup, self.pool, self.imc, self.lmi = alpha, alpha_warmup, pool, imc, lmi
         self.image_queue, self.text_queue = FeatureQueue(queue_size, embed_dim), FeatureQueue(queue_size, embed_dim)
 
     def forward(self, c, scale):
@@ -423,7 +425,8 @@ class TclObjective(Objective):
         lmi_t = g2l_loss(c.txt_m.tokens[cap].detach(), t[rows], rows, scale, c.txt_m.word_mask[cap])
         if c.training: # after the losses, as TCL: this batch is in the queue from the next step on
             self.image_queue.push(vm); self.text_queue.push(tm)
-        return {"tcl_ita": (ita_i2t + ita_t2i) / 6, "tcl_imc": (imc_i2i + imc_t2t) / 6, "tcl_lmi": (lmi_i + lmi_t) / 6}
+        out = {"tcl_ita": (ita_i2t + ita_t2i) / 6, "tcl_imc": (imc_i2i + imc_t2t) / 6, "tcl_lmi": (lmi_i + lmi_t) / 6}
+        return {k: v for k, v in out.items() if (k != "tcl_imc" or self.imc) and (k != "tcl_lmi" or self.lmi)}
 
 # %% ../nbs/05_losses.ipynb #05-030
 class Objectives(nn.Module):

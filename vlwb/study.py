@@ -86,11 +86,15 @@ def run_one(study: Study, arm: Arm, seed: int, root, world, env: Optional[dict] 
     """Train (or resume) and evaluate one run; returns what it did: 'done' (already finished: skipped), 'trained', 'resumed'.
     A run is finished when its `eval.json` exists; a killed one resumes from its last Lightning checkpoint."""
     d = run_dir(root, arm.name, seed)
+    args = train_args(study, arm, seed, world, d)
+    spec = {"train": args, "tasks": study.tasks}
+    if (d / "run.json").exists() and json.loads((d / "run.json").read_text()) != spec:
+        raise ValueError(f"{d} was run with other settings ({d / 'run.json'}): give the changed study another name, or delete "
+                         "its run folders to run it again")
     if (d / "eval.json").exists(): return "done"
-    d.mkdir(parents=True, exist_ok=True)
+    write_json(d / "run.json", spec)
     what = "trained"
     if _steps_done(d) < study.steps:
-        args = train_args(study, arm, seed, world, d)
         last = d / "resume" / "last.ckpt"
         if last.exists(): args += ["--ckpt_path", str(last)]; what = "resumed"
         t0 = time.time()
