@@ -424,8 +424,8 @@ def study_figure(summary: list[dict], # rows of `vlwb.study.summarise` (arm, met
                     error_y=dict(type="data", symmetric=False, array=[by[a]["ci_high"] - by[a]["mean"] for a in xs],
                                  arrayminus=[by[a]["mean"] - by[a]["ci_low"] for a in xs]),
                     hovertemplate="%{x}: %{y:.3f}<extra>" + m + "</extra>", row=1, col=k + 1)
-    fig.update_layout(height=340, width=max(420, 260 * len(metrics)), margin=dict(t=40, b=10, l=10, r=10),
-                      title_text="mean over seeds, 95% interval")
+    fig.update_layout(height=360, width=max(420, 260 * len(metrics)), margin=dict(t=70, b=10, l=10, r=10),
+                      title=dict(text="mean over seeds, 95% interval", y=0.97))
     return fig
 
 def study_curves_figure(curves: list[dict], # rows (arm, seed, step, loss) of a study's curves.csv
