@@ -52,8 +52,9 @@ class VLModel(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        "Width of the joint space (measured on one text unless the backend says)."
-        with torch.no_grad(): return int(self.encode_text(["a"]).embed.shape[-1])
+        "Width of the joint space (measured on one blank image: every backend encodes images, not every one has a tokenizer)."
+        x = torch.zeros(1, 3, self.image_size, self.image_size, device=self.logit_scale.device)
+        with torch.no_grad(): return int(self.encode_image(x).embed.shape[-1])
 
     @property
     def special_ids(self) -> set[int]:

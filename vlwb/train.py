@@ -197,7 +197,7 @@ def model_fingerprint(model: VLModel) -> str:
     "A hash of a model's spec and weights: equal exactly when the model computes the same function."
     h = hashlib.sha256(json.dumps(model.spec, sort_keys=True, default=str).encode())
     for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        h.update(k.encode()); h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()) # any dtype
     return h.hexdigest()
 
 def dataset_fingerprint(ds: ImageCaptionDataset) -> str:
@@ -206,7 +206,7 @@ def dataset_fingerprint(ds: ImageCaptionDataset) -> str:
     for i in range(len(ds)):
         p = ds.image_path(i)
         st = p.stat() if p.exists() else None
-        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}" .encode() if st else f"{p}:missing".encode())
+        h.update((f"{p}:{st.st_size}:{st.st_mtime_ns}" if st else f"{p}:missing").encode())
     return h.hexdigest()
 
 @torch.no_grad()
