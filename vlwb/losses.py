@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_losses.ipynb #05-003
 from __future__ import annotations
-import inspect, math, warnings
+import functools, inspect, math, warnings
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -99,10 +99,15 @@ class Contrast:
         """`[n,m]` True where text `texts[j]` belongs to another image (or none) yet is identical to a text describing image
         `images[i]`: a positive of that image, so never its negative. None when duplicates are not merged."""
         if self.text_key is None: return None
+        return self._image_has_key[images][:, self.text_key[texts]] & (self.text_image[texts][None] != images[:, None])
+
+    @functools.cached_property
+    def _image_has_key(self) -> torch.Tensor:
+        "`[N,K]` True where image i has a text with key k (built once per batch, shared by every objective)."
         pos = self.positives()
         has = torch.zeros(self.n_images, int(self.text_key.max()) + 1, dtype=torch.bool, device=pos.device)
         has[self.text_image[pos], self.text_key[pos]] = True
-        return has[images][:, self.text_key[texts]] & (self.text_image[texts][None] != images[:, None])
+        return has
 
     def same_text(self, a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
         "`[n,m]` True where texts `a[i]` and `b[j]` are different rows with identical token ids; None when not merged."
@@ -416,17 +421,21 @@ class TclObjective(Objective):
             q_t2i = alpha * _masked(scale * tm[rows] @ v_all.T, ex_t).softmax(1) + (1 - alpha) * hard
         ita_i2t = soft_cross_entropy(_masked(scale * v[rows] @ t_all.T, ex_i), q_i2t)
         ita_t2i = soft_cross_entropy(_masked(scale * t[rows] @ v_all.T, ex_t), q_t2i)
-        imc_i2i = F.cross_entropy(scale * v[rows] @ v_all.T, labels) # online view a against momentum view b
-        imc_t2t = F.cross_entropy(_masked(scale * t[rows] @ t_all.T, ex_tt), labels)
-        gh, gw = c.img_m.grid
-        patches = c.img_m.tokens.detach().reshape(c.n_images, gh, gw, -1).permute(0, 3, 1, 2)
-        local_img = F.adaptive_avg_pool2d(patches, (min(self.pool, gh), min(self.pool, gw))).flatten(2).transpose(1, 2)
-        lmi_i = g2l_loss(local_img, v[rows], rows, scale)
-        lmi_t = g2l_loss(c.txt_m.tokens[cap].detach(), t[rows], rows, scale, c.txt_m.word_mask[cap])
+        out = {"tcl_ita": (ita_i2t + ita_t2i) / 6}
+        if self.imc:
+            imc_i2i = F.cross_entropy(scale * v[rows] @ v_all.T, labels) # online view a against momentum view b
+            imc_t2t = F.cross_entropy(_masked(scale * t[rows] @ t_all.T, ex_tt), labels)
+            out["tcl_imc"] = (imc_i2i + imc_t2t) / 6
+        if self.lmi:
+            gh, gw = c.img_m.grid
+            patches = c.img_m.tokens.detach().reshape(c.n_images, gh, gw, -1).permute(0, 3, 1, 2)
+            local_img = F.adaptive_avg_pool2d(patches, (min(self.pool, gh), min(self.pool, gw))).flatten(2).transpose(1, 2)
+            lmi_i = g2l_loss(local_img, v[rows], rows, scale)
+            lmi_t = g2l_loss(c.txt_m.tokens[cap].detach(), t[rows], rows, scale, c.txt_m.word_mask[cap])
+            out["tcl_lmi"] = (lmi_i + lmi_t) / 6
         if c.training: # after the losses, as TCL: this batch is in the queue from the next step on
             self.image_queue.push(vm); self.text_queue.push(tm)
-        out = {"tcl_ita": (ita_i2t + ita_t2i) / 6, "tcl_imc": (imc_i2i + imc_t2t) / 6, "tcl_lmi": (lmi_i + lmi_t) / 6}
-        return {k: v for k, v in out.items() if (k != "tcl_imc" or self.imc) and (k != "tcl_lmi" or self.lmi)}
+        return out
 
 # %% ../nbs/05_losses.ipynb #05-030
 class Objectives(nn.Module):
