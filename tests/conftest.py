@@ -26,11 +26,11 @@ def open_clip_tiny():
     "An untrained open_clip ViT built from a small config registered here (no download)."
     import torch
     from open_clip.factory import _MODEL_CONFIGS
-    from vlwb.models import load_model
+    from vlwb.models import create_model
     _MODEL_CONFIGS["vlwb-test-vit"] = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
                                            text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2))
     torch.manual_seed(0)
-    return load_model("open_clip:vlwb-test-vit").eval()
+    return create_model("open_clip:vlwb-test-vit").eval()
 
 
 def hf_config(kind):
@@ -45,7 +45,7 @@ def hf_config(kind):
 @pytest.fixture(scope="session")
 def filip_model(tmp_path_factory):
     "builtin:micro trained with filip for 150 steps on a 2,000-image shapes world (about 1.5 minutes): (model, test split, run dir)."
-    from vlwb.viz import train_viz_model
+    from vlwb.recipes import train_viz_model
     out = tmp_path_factory.mktemp("viz-filip")
     model, test = train_viz_model(out, steps=150, progress=False)
     return model, test, out
@@ -56,7 +56,7 @@ def hf_siglip(tmp_path_factory):
     "An untrained transformers SigLIP saved to a local folder with a small word-level tokenizer, loaded as 'hf:FOLDER'."
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-    from vlwb.models import create_model, load_model
+    from vlwb.models import create_model
     from vlwb.shapes import SHAPES, COLORS
     words = ["a", "an", "the", "of", "and", "left", "right", "above", "below", "big", "small", *COLORS, *SHAPES]
     vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(words)}}
@@ -67,13 +67,13 @@ def hf_siglip(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf-siglip") / "siglip"
     create_model({"backend": "hf", "config": hf_config("siglip")}).net.save_pretrained(d)
     fast.save_pretrained(d)
-    return load_model(f"hf:{d}").eval()
+    return create_model(f"hf:{d}").eval()
 
 
 @pytest.fixture(scope="session")
 def clip_run(tmp_path_factory):
     "builtin:micro trained with clip for 150 steps (colour is learned by then, shape not yet): (checkpoint dir, test split)."
-    from vlwb.viz import train_viz_model
+    from vlwb.recipes import train_viz_model
     out = tmp_path_factory.mktemp("clip-micro")
     _, test = train_viz_model(out, objective="clip", progress=False)
     return out / "checkpoint", test

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from vlwb.core import save_checkpoint
-from vlwb.models import create_model, load_model, load, _pooled
+from vlwb.models import create_model, load
+from vlwb.hf import _pooled
 from conftest import hf_config as _hf_config
 
 
@@ -82,11 +83,11 @@ def test_checkpoints_round_trip_without_downloads(tmp_path, spec, open_clip_tiny
 def test_offline_missing_weights_fail_at_once(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.time()
-    with pytest.raises(FileNotFoundError, match=r"open_clip:ViT-B-32:/path/to/weights"): load_model("open_clip:ViT-B-32:openai")
-    with pytest.raises(FileNotFoundError, match=r"openai/clip-vit-base-patch32/config.json"): load_model("hf:openai/clip-vit-base-patch32")
+    with pytest.raises(FileNotFoundError, match=r"open_clip:ViT-B-32:/path/to/weights"): create_model("open_clip:ViT-B-32:openai")
+    with pytest.raises(FileNotFoundError, match=r"openai/clip-vit-base-patch32/config.json"): create_model("hf:openai/clip-vit-base-patch32")
     assert time.time() - t0 < 15
-    with pytest.raises(KeyError, match="no pretrained tag 'nonesuch'"): load_model("open_clip:ViT-B-32:nonesuch")
-    with pytest.raises(KeyError, match="unknown backend 'timm'"): load_model("timm:vit")
+    with pytest.raises(KeyError, match="no pretrained tag 'nonesuch'"): create_model("open_clip:ViT-B-32:nonesuch")
+    with pytest.raises(KeyError, match="unknown backend 'timm'"): create_model("timm:vit")
 
 
 def test_objectives_train_every_backend(open_clip_tiny):

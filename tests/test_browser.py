@@ -63,7 +63,7 @@ def _plot_variances(driver, png: Path, selector: str) -> list[float]:
 
 
 def test_report_renders_in_chromium(filip_model, tmp_path):
-    from vlwb.viz import write_report
+    from vlwb.report import write_report
     _, _, run = filip_model
     page = write_report(run, tmp_path / "report.html", n_images=2, progress=False)
     html = page.read_text()

@@ -6,7 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vlwb.data import ImageCaptionDataset, PairCollate, BadSample, read_records, load_image, tensor_to_image
+from vlwb.records import ImageCaptionDataset, read_records
+from vlwb.data import PairCollate
+from vlwb.images import BadSample, load_image, tensor_to_image
 from vlwb.shapes import generate_shapes_world, make_record, SHAPES, COLORS
 from vlwb.text import Tokenizer, split_sentences
 
@@ -25,7 +27,7 @@ def test_same_seed_same_world_other_seed_other_world(tmp_path):
 
 
 def test_loader_reads_what_the_generator_wrote(world):
-    ds = ImageCaptionDataset(world["train"], image_size=64)
+    ds = ImageCaptionDataset(world["train"], preprocess=64)
     assert len(ds) == 48
     for i in (0, 17, 47):
         rec, pixels, labels = make_record("train", i, seed=0)
@@ -66,7 +68,7 @@ def test_user_formats(tmp_path, fmt):
         sep = "," if fmt == "csv" else "\t"
         text = f"image{sep}caption\n" + "\n".join(f'{i}{sep}"{c}"' if sep == "," else f"{i}{sep}{c}" for i, c in rows)
     (tmp_path / f"pairs.{fmt}").write_text(text)
-    ds = ImageCaptionDataset(tmp_path / f"pairs.{fmt}", image_size=16)
+    ds = ImageCaptionDataset(tmp_path / f"pairs.{fmt}", preprocess=16)
     assert [ds.captions(i) for i in range(2)] == [["a red picture"], ["a blue, wide picture"]]
     assert ds[1]["image"].shape == (3, 16, 16)
     assert tuple(np.asarray(tensor_to_image(ds[0]["image"]))[8, 8]) == (255, 0, 0)
@@ -75,7 +77,7 @@ def test_user_formats(tmp_path, fmt):
 def test_several_captions_sampled_in_training(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
     (tmp_path / "d.jsonl").write_text(json.dumps({"image": "x.png", "captions": ["one", "two", "three"]}))
-    ds = ImageCaptionDataset(tmp_path / "d.jsonl", image_size=8)
+    ds = ImageCaptionDataset(tmp_path / "d.jsonl", preprocess=8)
     tok = Tokenizer(8)
     seen = {tuple(PairCollate(tok, train=True)([ds[0]]).text_ids[0].tolist()) for _ in range(40)}
     assert len(seen) == 3
@@ -123,9 +125,9 @@ def test_caption_variants_always_name_every_shape(world):
 
 def test_real_sample_photos_load_with_their_texts():
     from pathlib import Path
-    from vlwb.data import skimage_path
+    from vlwb.images import skimage_path
     path = Path(__file__).parent.parent / "data" / "skimage_samples.jsonl"
-    ds = ImageCaptionDataset(path, image_size=32)
+    ds = ImageCaptionDataset(path, preprocess=32)
     assert len(ds) == 19 and not ds.skipped
     modes = {Image.open(skimage_path(r["image"][len("skimage:"):])).mode for r in ds.records}
     assert {"RGB", "L", "RGBA"} <= modes # real files of every common mode, all decoded to RGB

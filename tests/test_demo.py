@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlwb.data import read_records
+from vlwb.records import read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 gradio_client = pytest.importorskip("gradio_client")

@@ -13,6 +13,7 @@ from vlwb.eval import (zeroshot_metrics, retrieval_metrics, winoground_scores, o
                        pointing_game, compositional_probes, patch_hits, evaluate, EvalCallback)
 from vlwb.models import VLModel
 from vlwb.text import Tokenizer
+from vlwb.images import Preprocess
 
 
 def test_zeroshot_metrics_agree_with_the_reference_implementations():
@@ -74,8 +75,7 @@ class Oracle(VLModel):
     def __init__(self, blind=False):
         super().__init__()
         self.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
-        self.tok, self.blind, self.image_size, self.current = Tokenizer(16), blind, 64, None
-    def tokenize(self, texts): return self.tok(texts)
+        self.tokenizer, self.preprocess, self.blind, self.current = Tokenizer(16), Preprocess(64), blind, None
     def encode_image(self, images, attn=False):
         B = len(images)
         tokens = torch.zeros(B, 64, 8)
@@ -95,7 +95,7 @@ class Oracle(VLModel):
 
 def test_pointing_game_scores_an_oracle_perfectly_and_a_blind_model_like_its_baseline(world, monkeypatch):
     "The game itself is checked: a model whose words point at their objects hits every time; one pointing nowhere does not."
-    from vlwb.data import ImageCaptionDataset
+    from vlwb.records import ImageCaptionDataset
     orig = ImageCaptionDataset.__getitem__
     oracle, blind = Oracle(), Oracle(blind=True)
     def getitem(self, i):
@@ -118,8 +118,8 @@ class BagOfWords(VLModel):
     backend = "stub"
     def __init__(self):
         super().__init__()
-        self.logit_scale = torch.nn.Parameter(torch.tensor(1.0)); self.tok = Tokenizer(32); self.image_size = 64
-    def tokenize(self, texts): return self.tok(texts)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
+        self.tokenizer, self.preprocess = Tokenizer(32), Preprocess(64)
     def encode_image(self, images, attn=False):
         e = torch.zeros(len(images), 8); e[:, 0] = 1
         return ImageEnc(embed=e, tokens=torch.zeros(len(images), 64, 8), grid=(8, 8))

@@ -4,7 +4,8 @@ import os
 
 import torch
 
-from vlwb.data import ImageCaptionDataset, PairDataModule, WithNeighbours
+from vlwb.records import ImageCaptionDataset
+from vlwb.data import PairDataModule, WithNeighbours
 from vlwb.models import create_model
 from vlwb.train import image_neighbours, dataset_fingerprint
 
@@ -46,7 +47,7 @@ def test_neighbour_table_is_cached_and_invalidated(tmp_path, world):
 
 
 def test_batches_hold_neighbours_and_negatives_of_the_drawn_caption(world):
-    dm = PairDataModule(str(world["train"]), batch_size=4, n_negatives=1, negatives_from_caption=True, image_size=64)
+    dm = PairDataModule(str(world["train"]), batch_size=4, n_negatives=1, negatives_from_caption=True)
     dm.setup("fit")
     table = torch.stack([(torch.arange(3) + i + 1) % len(dm.train_ds) for i in range(len(dm.train_ds))])
     dm.neighbours = table

@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vlwb.data import (ImageCaptionDataset, PairCollate, BadSample, check_pairs, load_image, open_pairs, ShardWriter,
-                       tensor_to_image)
+from vlwb.records import ImageCaptionDataset
+from vlwb.data import PairCollate, check_pairs, open_pairs
+from vlwb.images import BadSample, load_image, tensor_to_image
+from vlwb.shards import ShardWriter
 from vlwb.text import Tokenizer
 
 
@@ -73,7 +75,7 @@ def test_bad_images_raise_a_named_reason(dirty, name, reason):
 
 
 def test_dataset_skips_and_counts_every_bad_kind(dirty):
-    ds = ImageCaptionDataset(dirty / "pairs.jsonl", image_size=16)
+    ds = ImageCaptionDataset(dirty / "pairs.jsonl", preprocess=16)
     assert dict(ds.skipped) == SKIPPED_AT_READ
     items = [ds[i] for i in range(len(ds))]
     assert sum(it is not None for it in items) == GOOD
@@ -119,7 +121,7 @@ def test_shards_skip_bad_samples(tmp_path, dirty):
         w.write("nocaption", {"png": (dirty / "rgb.png").read_bytes(), "txt": "  \n"})
         w.write("badjson", {"png": (dirty / "rgb.png").read_bytes(), "json": b"{oops"})
         w.write("latin", {"png": (dirty / "rgb.png").read_bytes(), "txt": b"caf\xe9"})
-    ds = open_pairs(tmp_path / "s.tar", image_size=8)
+    ds = open_pairs(tmp_path / "s.tar", preprocess=8)
     assert [it["captions"] for it in ds] == [["a red image"]]
     assert dict(ds.skipped) == {"not an image": 1, "empty caption": 1, "bad JSON": 1, "not UTF-8": 1}
     report = check_pairs(tmp_path / "s.tar", progress=False)
@@ -131,5 +133,5 @@ def test_truncated_shard_yields_what_it_holds(tmp_path, dirty):
         for k in range(4): w.write(f"k{k}", {"png": (dirty / "rgb.png").read_bytes(), "txt": f"caption {k}"})
     data = (tmp_path / "s.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(data[: len(data) * 2 // 3])
-    got = [it["captions"][0] for it in open_pairs(tmp_path / "cut.tar", image_size=8)]
+    got = [it["captions"][0] for it in open_pairs(tmp_path / "cut.tar", preprocess=8)]
     assert 1 <= len(got) < 4 and got == [f"caption {k}" for k in range(len(got))]

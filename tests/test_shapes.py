@@ -6,7 +6,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vlwb.data import read_records, expand_shards, iter_tar_samples
+from vlwb.records import read_records
+from vlwb.shards import expand_shards, iter_tar_samples
 from vlwb.shapes import (SHAPES, COLORS, RELATIONS, NEGATIVE_KINDS, generate_shapes_world, make_record, relation)
 from vlwb.text import split_sentences
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from vlwb.data import ShardWriter, ShardedPairs, PairDataModule, encode_png
+from vlwb.shards import ShardWriter, ShardedPairs
+from vlwb.data import PairDataModule
+from vlwb.images import encode_png
 import numpy as np
 
 
@@ -31,7 +33,7 @@ def test_ranks_and_workers_partition_the_samples(tmp_path, sizes, world, workers
     n = _write(tmp_path, sizes)
     per_rank = []
     for rank in range(world):
-        ds = ShardedPairs(tmp_path, image_size=8, rank=rank, world_size=world)
+        ds = ShardedPairs(tmp_path, preprocess=8, rank=rank, world_size=world)
         got = _captions(ds, workers if workers > 1 else 0)
         assert len(got) == len(set(got)) == len(ds) == n // world
         per_rank.append(set(got))
@@ -42,7 +44,7 @@ def test_ranks_and_workers_partition_the_samples(tmp_path, sizes, world, workers
 
 def test_shuffle_buffer_is_seeded_and_loses_nothing(tmp_path):
     n = _write(tmp_path, [20, 20])
-    order = lambda seed: _captions(ShardedPairs(tmp_path, image_size=8, shuffle_buffer=8, seed=seed, rank=0, world_size=1))
+    order = lambda seed: _captions(ShardedPairs(tmp_path, preprocess=8, shuffle_buffer=8, seed=seed, rank=0, world_size=1))
     a, b, c = order(0), order(0), order(1)
     assert a == b and a != c and sorted(a) == sorted(c) == sorted(f"sample {i}" for i in range(n))
     assert a != sorted(a, key=lambda s: int(s.split()[1]))
@@ -50,7 +52,7 @@ def test_shuffle_buffer_is_seeded_and_loses_nothing(tmp_path):
 
 def test_next_epoch_reshuffles(tmp_path):
     _write(tmp_path, [16])
-    ds = ShardedPairs(tmp_path, image_size=8, shuffle_buffer=16, seed=0, rank=0, world_size=1)
+    ds = ShardedPairs(tmp_path, preprocess=8, shuffle_buffer=16, seed=0, rank=0, world_size=1)
     assert _captions(ds) != _captions(ds) # a new pass (epoch) is a new order
 
 

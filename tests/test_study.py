@@ -60,6 +60,14 @@ def test_killed_study_resumes_and_matches_an_uninterrupted_one(tmp_path):
     # and again: nothing left to do
     again = run_study(Study.from_dict(SPEC), tmp_path / "runs", tmp_path / "studies", progress=False)
     assert set(again["did"].values()) == {"done"}
+    # a task added to the spec: every run is evaluated again, none retrained, and the new metrics join the table
+    before = {arm: load_file(run_dir(tmp_path / "runs" / "micro", arm, 0) / "checkpoint" / "model.safetensors") for arm in ("clip", "siglip")}
+    more = run_study(Study.from_dict({**SPEC, "tasks": "zeroshot,retrieval,long"}), tmp_path / "runs", tmp_path / "studies", progress=False)
+    assert set(more["did"].values()) == {"re-evaluated"}
+    for arm, w in before.items():
+        after = load_file(run_dir(tmp_path / "runs" / "micro", arm, 0) / "checkpoint" / "model.safetensors")
+        assert all((w[k] == after[k]).all() for k in w)
+    assert any(r["metric"] == "long_image_retrieval_recall@1" for r in read_csv(tmp_path / "studies" / "micro" / "results.csv"))
 
 
 def test_paired_differences_pair_runs_by_seed():
@@ -83,4 +91,4 @@ def test_a_changed_study_never_reuses_old_runs(tmp_path):
     s = Study.from_dict(SPEC)
     d = run_dir(tmp_path, "clip", 0)
     write_json(d / "run.json", {"train": ["clip", "--trainer.max_steps", "999"], "tasks": s.tasks})
-    with pytest.raises(ValueError, match="was run with other settings"): run_one(s, s.arms[0], 0, tmp_path, tmp_path / "world")
+    with pytest.raises(ValueError, match="was trained with other settings"): run_one(s, s.arms[0], 0, tmp_path, tmp_path / "world")

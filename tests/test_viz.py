@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from vlwb.data import ImageCaptionDataset, read_records
+from vlwb.records import ImageCaptionDataset, read_records
 from vlwb.eval import patch_hits
 from vlwb.models import create_model
-from vlwb import viz
+from vlwb import interpret, viz
 from conftest import hf_config
 
 
@@ -22,7 +22,7 @@ def _best_patch_from_figure(fig, grid, size):
 def test_filip_words_land_on_their_objects(filip_model):
     "On held-out scenes the alignment figure's best patch for a colour or a shape word lies inside that object's mask."
     model, test, _ = filip_model
-    ds = ImageCaptionDataset(test, image_size=model.image_size, mean=model.image_mean, std=model.image_std, skip_bad=False)
+    ds = ImageCaptionDataset(test, model.preprocess, skip_bad=False)
     hits = {"color": [], "shape": []}
     chance = []
     for i in range(len(ds)):
@@ -30,7 +30,7 @@ def test_filip_words_land_on_their_objects(filip_model):
         objs = rec["objects"]
         for k, o in enumerate(objs):
             if sum(p["color"] == o["color"] and p["shape"] == o["shape"] for p in objs) > 1: continue # ambiguous phrase
-            al = viz.word_patch_alignment(model, item["image"][None], f"a {o['color']} {o['shape']}")
+            al = interpret.word_patch_alignment(model, item["image"][None], f"a {o['color']} {o['shape']}")
             assert al["words"] == ["a", o["color"], o["shape"]]
             inside = patch_hits(item["masks"][k:k + 1], al["grid"])[0].reshape(al["grid"])
             for word, t in (("color", 1), ("shape", 2)):
@@ -62,18 +62,18 @@ def test_rollout_rows_are_distributions(backends):
         with torch.no_grad():
             maps = m.encode_image(torch.nn.functional.interpolate(x, size=m.image_size), attn=True).attn
             tmaps = m.encode_text(["a red circle above a blue square"], attn=True).attn
-        for R in (viz.attention_rollout(maps), viz.attention_rollout(tmaps)):
+        for R in (interpret.attention_rollout(maps), interpret.attention_rollout(tmaps)):
             assert (R >= 0).all(), name
             assert torch.allclose(R.sum(-1), torch.ones(R.shape[:-1]), atol=1e-5), name
         # rollout of a single layer with no residual is that layer's head-averaged attention
-        assert torch.allclose(viz.attention_rollout(maps[:1], residual=0.0), maps[0].mean(1), atol=1e-6), name
+        assert torch.allclose(interpret.attention_rollout(maps[:1], residual=0.0), maps[0].mean(1), atol=1e-6), name
 
 
 def test_relevance_is_zero_where_the_gradient_is_zero():
     A = torch.rand(1, 3, 6, 6).softmax(-1)
-    assert torch.equal(viz.chefer_relevance([A, A], [torch.zeros_like(A), None]), torch.zeros(1, 6, 6))
+    assert torch.equal(interpret.chefer_relevance([A, A], [torch.zeros_like(A), None]), torch.zeros(1, 6, 6))
     g = torch.randn_like(A); g[..., 1:, :] = 0 # gradient only on the first query row
-    R = viz.chefer_relevance([A], [g])
+    R = interpret.chefer_relevance([A], [g])
     assert torch.equal(R[0, 1:], torch.zeros(5, 6))
     expected = (g * A).clamp(min=0).mean(1)[0, 0] # positive part, mean over heads
     assert torch.allclose(R[0, 0], expected)
@@ -85,8 +85,8 @@ def test_relevance_is_zero_where_the_gradient_is_zero():
     grads = torch.autograd.grad((ie.embed * te.embed).sum(), ie.attn)
     assert torch.equal(grads[-1][0, :, 1:], torch.zeros_like(grads[-1][0, :, 1:]))
     assert grads[-1][0, :, 0].abs().sum() > 0
-    before = viz.chefer_relevance(ie.attn[:-1], grads[:-1])
-    after = viz.chefer_relevance(ie.attn, grads)
+    before = interpret.chefer_relevance(ie.attn[:-1], grads[:-1])
+    after = interpret.chefer_relevance(ie.attn, grads)
     assert torch.equal(after[0, 1:], before[0, 1:])
     assert not torch.equal(after[0, 0], before[0, 0])
 
@@ -95,11 +95,11 @@ def test_the_same_figures_for_every_backend(backends, open_clip_tiny):
     "Alignment map, attention, rollout, gradient relevance and caption comparison for builtin, open_clip and hf CLIP/SigLIP."
     caption = "a red circle left of a blue square"
     for name, m in backends.items():
-        x = viz.prepare(m, "skimage:chelsea")
+        x = interpret.prepare(m, "skimage:chelsea")
         im = viz.model_view(m, x)
-        al = viz.word_patch_alignment(m, x, caption)
+        al = interpret.word_patch_alignment(m, x, caption)
         assert len(al["words"]) >= 6 and al["maps"].shape[1:] == al["grid"], name
-        ex = viz.explain(m, x, caption)
+        ex = interpret.explain(m, x, caption)
         assert ex["image_relevance"].shape == al["grid"] and len(ex["text_relevance"]) == len(al["words"]), name
         assert ex["image_relevance"].abs().sum() > 0 and torch.isfinite(ex["image_relevance"]).all(), name
         assert (ex["image_relevance"] >= 0).all() and (ex["text_relevance"] >= 0).all(), name
@@ -109,7 +109,7 @@ def test_the_same_figures_for_every_backend(backends, open_clip_tiny):
         for f in figs:
             json.loads(f.to_json()) # serialisable: what the browser gets
     # open_clip's recorded attention carries gradients: relevance is computed from them, not from zeros
-    ex = viz.explain(open_clip_tiny, viz.prepare(open_clip_tiny, "skimage:chelsea"), caption)
+    ex = interpret.explain(open_clip_tiny, interpret.prepare(open_clip_tiny, "skimage:chelsea"), caption)
     assert ex["text_relevance"].sum() > 0
 
 
@@ -127,7 +127,7 @@ def test_training_curves_from_a_run(filip_model):
 def test_embedding_scatter_shows_the_gap(filip_model):
     model, test, _ = filip_model
     recs = read_records(test)[:40]
-    ds = ImageCaptionDataset(test, image_size=model.image_size, mean=model.image_mean, std=model.image_std, skip_bad=False)
+    ds = ImageCaptionDataset(test, model.preprocess, skip_bad=False)
     with torch.no_grad():
         img = model.encode_image(torch.stack([ds[i]["image"] for i in range(40)])).embed
         txt = model.encode_text([r["caption"] for r in recs]).embed

@@ -4,48 +4,13 @@
 
 # %% ../nbs/12_cli.ipynb #12-003
 from __future__ import annotations
-import argparse, time
+import argparse
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['quickstart', 'main']
+__all__ = ['main']
 
 # %% ../nbs/12_cli.ipynb #12-005
-def quickstart(out="runs/quickstart", # run folder
-               seed: int = 0, # the world, the initialisation and the data order follow from it
-               n_train: int = 4000, # training images
-               n_test: int = 900, # held-out images (about a third hold a single object, used for zero-shot)
-               steps: int = 480, # optimiser steps
-               batch_size: int = 128,
-               lr: float = 1e-3,
-               model: str = "builtin:tiny",
-               progress: bool = True, # progress bars
-              ) -> dict:
-    "Generate the shapes world, train `model` with `clip`, evaluate on the test split; returns the metrics."
-    from vlwb.core import seed_everything, write_json
-    from vlwb.shapes import generate_shapes_world
-    from vlwb.data import PairDataModule
-    from vlwb.train import VLModule, make_trainer, quiet_lightning
-    quiet_lightning()
-    from vlwb.eval import evaluate_shapes
-    out = Path(out)
-    t0 = time.time()
-    paths = generate_shapes_world(out / "shapes", n_train=n_train, n_val=200, n_test=n_test, seed=seed, max_objects=3,
-                                  progress=progress) # up to 3 objects: the 5-minute run's measured setting
-    t_gen = time.time()
-    seed_everything(seed)
-    module = VLModule(model, objectives={"clip": 1.0}, lr=lr, warmup_steps=min(50, steps // 10))
-    dm = PairDataModule(str(paths["train"]), str(paths["val"]), batch_size=batch_size, image_size=module.model.image_size,
-                        context_length=module.model.config.context_length, seed=seed)
-    trainer = make_trainer(out, max_steps=steps, val_every=min(100, steps), progress=progress)
-    trainer.fit(module, dm)
-    train_s = time.time() - t_gen
-    metrics = evaluate_shapes(module.model.eval(), paths["test"], progress=progress)
-    metrics.update(steps=trainer.global_step, batch_size=batch_size, seed=seed, model=model, seconds=round(time.time() - t0, 1),
-                   generate_seconds=round(t_gen - t0, 1), train_seconds=round(train_s, 1))
-    write_json(out / "metrics.json", metrics)
-    return metrics
-
 def _report(out, m: dict) -> str:
     return "\n".join([
         f"vlwb quickstart: trained {m['model']} with clip for {m['steps']} steps in {m['seconds']:.0f} s.",
@@ -55,7 +20,8 @@ def _report(out, m: dict) -> str:
         f"  image->text R@1        {m['i2t_r1']:6.1%}   (R@5 {m['i2t_r5']:.1%}; chance {m['retrieval_chance_r1']:.2%})",
         f"  text->image R@1        {m['t2i_r1']:6.1%}   (R@5 {m['t2i_r5']:.1%})",
         f"Wrote {out}/: checkpoint/ (load with vlwb.load('{out}/checkpoint')), metrics.json, logs/metrics.csv, shapes/.",
-        "Next: open nbs/06_train.ipynb to train your own, nbs/07_eval.ipynb to measure it, nbs/03_shapes.ipynb to see the data."])
+        f"Look at it: vlwb report {out} (one HTML page: curves, word maps, attention), vlwb demo --model {out}/checkpoint (a Gradio",
+        "app), or the Explorer in nbs/09_widgets.ipynb. Train your own: nbs/06_train.ipynb; measure it: nbs/07_eval.ipynb."])
 
 # %% ../nbs/12_cli.ipynb #12-006
 def main(argv=None):
@@ -87,7 +53,7 @@ def main(argv=None):
     sub.add_parser("train", help="train with LightningCLI: vlwb train --config vlwb/configs/clip.yaml [--flags] (see vlwb train --help)",
                    add_help=False)
     e = sub.add_parser("eval", help="evaluate a model: zero-shot, retrieval, compositional probes, pointing game, geometry")
-    e.add_argument("--model", default="runs/quickstart/checkpoint", help="anything load_model accepts (default: the quick start's)")
+    e.add_argument("--model", default="runs/quickstart/checkpoint", help="a model name or a saved model (default: the quick start's)")
     e.add_argument("--data", default="runs/quickstart/shapes/test.jsonl", help="a split with captions (shapes world splits have every field)")
     e.add_argument("--tasks", default="all", help="comma-separated: zeroshot,retrieval,compositional,winoground,pointing,geometry")
     e.add_argument("--out", default=None, help="write the results here as JSON (CLIP_benchmark's layout)")
@@ -98,7 +64,7 @@ def main(argv=None):
     r.add_argument("--n-images", type=int, default=4, help="test images with word maps, attention and caption comparison")
     g = sub.add_parser("demo", help="a Gradio app: zero-shot, retrieval, word-patch alignment, attention, caption comparison")
     g.add_argument("--model", action="append", default=None,
-                   help="anything load_model accepts; twice to compare two models (default: the quick start's, trained if absent)")
+                   help="a model name or a saved model; twice to compare two models (default: the quick start's, trained if absent)")
     g.add_argument("--gallery", default=None, help="retrieval gallery: records or an image folder (default: the quick start's test split)")
     g.add_argument("--share", action="store_true", help="ask Gradio for a public link (keeps serving locally if that fails)")
     g.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
@@ -122,6 +88,7 @@ def main(argv=None):
         return 0
     a = p.parse_args(argv)
     if a.command == "quickstart":
+        from vlwb.recipes import quickstart
         m = quickstart(a.out, a.seed, a.n_train, a.n_test, a.steps, a.batch_size, a.lr, a.model, progress=not a.no_progress)
         print(_report(a.out, m))
     elif a.command == "shapes":
@@ -131,19 +98,20 @@ def main(argv=None):
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     elif a.command == "eval":
         from vlwb.eval import evaluate, write_results, TASKS
-        from vlwb.models import load_model
+        from vlwb.models import model_from
         tasks = TASKS if a.tasks == "all" else tuple(t.strip() for t in a.tasks.split(","))
-        m = evaluate(load_model(a.model), a.data, tasks)
+        m = evaluate(model_from(a.model), a.data, tasks)
         width = max(map(len, m))
         print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in m.items()))
         if a.out: print(f"wrote {write_results(a.out, m, a.model, a.data)}")
     elif a.command == "report":
-        from vlwb.viz import write_report
+        from vlwb.report import write_report
         print(f"wrote {write_report(a.run_dir, a.out, a.data, a.n_images)}")
     elif a.command == "demo":
-        from vlwb.demo import serve, default_model
-        from vlwb.models import load_model
-        models = {spec: load_model(spec) for spec in a.model} if a.model else {"quickstart": default_model()}
+        from vlwb.demo import serve
+        from vlwb.models import model_from
+        from vlwb.recipes import default_model
+        models = {spec: model_from(spec) for spec in a.model} if a.model else {"quickstart": default_model()}
         gallery = a.gallery or ("runs/quickstart/shapes/test.jsonl" if Path("runs/quickstart/shapes/test.jsonl").exists() else None)
         serve(models, gallery, share=a.share, host=a.host, port=a.port)
     elif a.command == "study":

@@ -15,30 +15,20 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['exists', 'default', 'l2norm', 'masked_mean', 'TextKind', 'first_of_kind', 'PairBatch', 'ImageEnc', 'TextEnc',
-           'Registry', 'seed_everything', 'rng', 'pick_device', 'atomic_write', 'write_json', 'UnsafeCheckpointError',
-           'refuse_pickle', 'save_checkpoint', 'read_checkpoint']
+__all__ = ['l2norm', 'word_patch_similarity', 'TextKind', 'first_of_kind', 'PairBatch', 'ImageEnc', 'TextEnc', 'Registry',
+           'seed_everything', 'rng', 'atomic_write', 'write_json', 'UnsafeCheckpointError', 'refuse_pickle',
+           'save_checkpoint', 'read_checkpoint']
 
 # %% ../nbs/00_core.ipynb #00-006
-def exists(x) -> bool:
-    "True unless `x` is None."
-    return x is not None
-
-def default(x, d):
-    "`x` unless it is None, else `d`."
-    return x if x is not None else d
-
 def l2norm(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     "Scale `x` to unit L2 norm along `dim`."
     return F.normalize(x, dim=dim)
 
-def masked_mean(x: torch.Tensor, # values, `[..., L, ...]`
-                mask: torch.Tensor, # True where a value counts, broadcastable to `x`
-                dim: int = -1, # the dimension to average over
-               ) -> torch.Tensor:
-    "Mean of `x` over `dim` counting only entries where `mask` is True (0 where none count)."
-    mask = mask.to(x.dtype)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+def word_patch_similarity(img_tokens: torch.Tensor, # `[B,N,D]` patch tokens (unit norm: the result is a cosine)
+                          txt_tokens: torch.Tensor, # `[T,L,D]` word tokens
+                         ) -> torch.Tensor:
+    "Similarity of every patch of every image with every token of every text: `[B,T,N,L]`."
+    return torch.einsum("bnd,tld->btnl", img_tokens, txt_tokens)
 
 # %% ../nbs/00_core.ipynb #00-009
 class TextKind(IntEnum):
@@ -135,7 +125,10 @@ class Registry(dict):
     def register(self, name: str) -> Callable:
         "Decorator: register the decorated class or function as `name`."
         def deco(obj):
-            if name in self: raise KeyError(f"{self.kind} {name!r} is registered twice")
+            old = self.get(name)
+            # the same definition again (a notebook cell re-run, a notebook defining what its module already registered) replaces it
+            if old is not None and getattr(old, "__qualname__", None) != getattr(obj, "__qualname__", object()):
+                raise KeyError(f"{self.kind} {name!r} is registered twice ({old.__qualname__} and {obj.__qualname__})")
             self[name] = obj
             return obj
         return deco
@@ -154,11 +147,6 @@ def rng(seed: int, *stream) -> np.random.Generator:
     "An independent NumPy generator for `seed` and a named `stream` (strings or ints)."
     key = [seed] + [int.from_bytes(s.encode(), "little") % 2**32 if isinstance(s, str) else int(s) for s in stream]
     return np.random.default_rng(np.random.SeedSequence(key))
-
-def pick_device(device: str = "auto") -> torch.device:
-    "`cuda` when available and asked for (or `auto`), else `cpu`."
-    if device == "auto": device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 # %% ../nbs/00_core.ipynb #00-020
 def _umask() -> int:
@@ -203,11 +191,12 @@ def refuse_pickle(path):
 def save_checkpoint(model: torch.nn.Module, # a model with a JSON-able `spec` dict saying how to build it
                     path, # directory to write `model.safetensors` and `config.json` into
                     extra: Optional[dict] = None, # more JSON-able facts to keep in `config.json` (step, metrics)
+                    keys: Optional[set] = None, # save only these state entries (an adapter: what was trained)
                    ) -> Path:
     "Save `model`'s weights as safetensors and its `spec` as JSON in directory `path`, each file atomically."
     from safetensors.torch import save_file
     path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if keys is None or k in keys}
     atomic_write(path / "model.safetensors", lambda tmp: save_file(state, tmp))
     write_json(path / "config.json", {"spec": model.spec, **(extra or {})})
     return path

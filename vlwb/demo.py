@@ -16,14 +16,15 @@ from typing import Optional
 import torch
 from PIL import Image
 
-from .data import BadSample, load_image
+from .images import BadSample, load_image
+from .records import image_entries
 from .models import VLModel
 from .text import hard_negatives
-from . import viz
+from . import interpret, viz
 
 # %% auto #0
 __all__ = ['MAX_SIDE', 'MAX_LABELS', 'MAX_CHARS', 'log', 'InputError', 'read_upload', 'clean_caption', 'parse_labels',
-           'gallery_entries', 'DemoApp', 'shown', 'build_demo', 'default_model', 'wait_for_stop_signal', 'serve']
+           'gallery_entries', 'DemoApp', 'shown', 'build_demo', 'wait_for_stop_signal', 'serve']
 
 # %% ../nbs/11_demo.ipynb #11-006
 class InputError(ValueError):
@@ -54,9 +55,8 @@ def clean_caption(model: VLModel, text) -> tuple[str, list[str]]:
     ids, mask = model.tokenize([text])
     if bool(mask[0].all()):
         n = int(mask.shape[1])
-        name, _ = viz._vocab(model)
         notes.append(f"the caption is longer than the model's {n} tokens: it reads up to '... "
-                     f"{' '.join(name(i) for i in ids[0, -4:-1].tolist())}'")
+                     f"{' '.join(model.token_strings(ids[0, -4:-1]))}'")
     return text, notes
 
 def parse_labels(text) -> tuple[list[str], list[str]]:
@@ -72,8 +72,7 @@ def parse_labels(text) -> tuple[list[str], list[str]]:
 
 # %% ../nbs/11_demo.ipynb #11-009
 def gallery_entries(path) -> list[dict]:
-    "Gallery images `{image, caption}` of a record file or a folder (`vlwb.widgets.image_entries`)."
-    from vlwb.widgets import image_entries
+    "Gallery images `{image, caption}` of a record file or a folder (`vlwb.records.image_entries`)."
     return [{"image": e["image"], "caption": e["caption"]} for e in image_entries(path)]
 
 def _word_index(words: list[str], word) -> int:
@@ -92,7 +91,7 @@ class DemoApp:
         if not self.models: raise ValueError("DemoApp needs at least one model")
         for m in self.models.values(): m.eval()
         self.gallery = gallery_entries(gallery) if gallery else []
-        self.gallery_images = [viz.as_image(g["image"]) for g in self.gallery]
+        self.gallery_images = [interpret.as_image(g["image"]) for g in self.gallery]
         self._gallery_embed = {}
         self.lock = threading.Lock() # one model call at a time: torch's threads already use every core
         self.upload_dir = tempfile.mkdtemp(prefix="vlwb-demo-") # uploads and the example image; removed by close()
@@ -115,7 +114,7 @@ class DemoApp:
         template = template if template and "{}" in template else "{}"
         prompts = [template.replace("{}", l) for l in labels] # not str.format: other braces in a template stay as typed
         with self.lock:
-            x = viz.prepare(m, im)
+            x = interpret.prepare(m, im)
             img = m.encode_image(x).embed[0]
             txt = torch.cat([m.encode_text(prompts[b:b + 256]).embed for b in range(0, len(prompts), 256)])
             p = (m.scale * (txt @ img)).softmax(0)
@@ -126,7 +125,7 @@ class DemoApp:
         if name not in self._gallery_embed:
             m = self.models[name]
             with torch.no_grad():
-                xs = [viz.prepare(m, im) for im in self.gallery_images]
+                xs = [interpret.prepare(m, im) for im in self.gallery_images]
                 self._gallery_embed[name] = torch.cat([m.encode_image(torch.cat(xs[b:b + 64])).embed for b in range(0, len(xs), 64)])
         return self._gallery_embed[name]
 
@@ -149,7 +148,7 @@ class DemoApp:
         cells = []
         for im, caption in hits:
             im = im.copy(); im.thumbnail((192, 192))
-            cells.append(f"<figure class='hit'><img src='{viz._data_uri(im)}' width='{max(im.size[0], 96)}'>"
+            cells.append(f"<figure class='hit'><img src='{viz.data_uri(im)}' width='{max(im.size[0], 96)}'>"
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
         return f"<div style='display:flex;flex-wrap:wrap;gap:8px'>{''.join(cells)}</div>", note
 
@@ -157,7 +156,7 @@ class DemoApp:
         "The caption's words as the model tokenises them (special tokens left out)."
         m = self.model(model)
         caption, _ = clean_caption(m, caption)
-        _, _, labels, special = viz.token_labels(m, caption)
+        _, _, labels, special = interpret.token_labels(m, caption)
         return [l for l, s in zip(labels, special) if not s]
 
     def _image_caption(self, fn, image, caption: str, model: Optional[str]):
@@ -166,19 +165,19 @@ class DemoApp:
         im, notes = read_upload(image)
         caption, more = clean_caption(m, caption)
         with self.lock:
-            x = viz.prepare(m, im)
+            x = interpret.prepare(m, im)
             out = fn(m, x, caption)
         return out, viz.model_view(m, x), "; ".join(notes + more)
 
     def alignment(self, image, caption: str, word: int | str = 0, model: Optional[str] = None):
         "The word-patch alignment figure of a word of the caption (its index, or the word itself), and a notice."
-        al, view, note = self._image_caption(viz.word_patch_alignment, image, caption, model)
+        al, view, note = self._image_caption(interpret.word_patch_alignment, image, caption, model)
         if not al["words"]: raise InputError("the caption has no words the model can align")
         return viz.alignment_figure(view, al, token=_word_index(al["words"], word)), note
 
     def attention(self, image, caption: str, layer: int = -1, head: int = -1, model: Optional[str] = None):
         "Class-token attention (layer, head; -1 = mean of the heads), rollout and gradient relevance, and a notice."
-        ex, view, note = self._image_caption(viz.explain, image, caption, model)
+        ex, view, note = self._image_caption(interpret.explain, image, caption, model)
         head = None if head is None or int(head) < 0 else min(int(head), ex["image_attention"].shape[1] - 1)
         return viz.explanation_figure(view, ex, layer=int(layer), head=head), note
 
@@ -201,7 +200,7 @@ class DemoApp:
         with self.lock:
             for n in names:
                 m = self.model(n)
-                x = viz.prepare(m, im)
+                x = interpret.prepare(m, im)
                 views[n], scores[n] = viz.model_view(m, x), viz.caption_scores(m, x, caps)
         return viz.caption_comparison_figure(views, scores), "; ".join(notes + more)
 
@@ -305,16 +304,6 @@ def build_demo(app: DemoApp):
     return demo
 
 # %% ../nbs/11_demo.ipynb #11-015
-def default_model(progress: bool = True) -> VLModel:
-    "The quick start's model (`runs/quickstart/checkpoint`), trained first if it is not there."
-    from vlwb.models import load
-    ckpt = Path("runs/quickstart/checkpoint")
-    if not (ckpt / "model.safetensors").exists():
-        print("vlwb demo: no model given and runs/quickstart/checkpoint is missing: training it first (vlwb quickstart, 5-8 minutes)", flush=True)
-        from vlwb.cli import quickstart
-        quickstart(progress=progress)
-    return load(ckpt)
-
 def wait_for_stop_signal(demo) -> str:
     """Block until SIGINT or SIGTERM arrives (or the server stops); returns what ended the wait.
     Handlers are installed for both, so a server started with SIGINT ignored (a background job of a non-interactive

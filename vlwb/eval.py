@@ -11,18 +11,20 @@ import torch
 import lightning as L
 from tqdm.auto import tqdm
 
-from .core import l2norm
-from .data import ImageCaptionDataset, PairCollate
+from .core import l2norm, word_patch_similarity
+from .records import ImageCaptionDataset
+from .data import PairCollate
 from .models import VLModel
 from .shapes import SHAPES, COLORS
-from .text import fix_articles
+from .text import fix_articles, split_sentences
+from .losses import filip_similarity
 
 # %% auto #0
 __all__ = ['SHAPE_TEMPLATES', 'COLOR_TEMPLATES', 'TASKS', 'zeroshot_classifier', 'topk_accuracy', 'retrieval_recall',
            'encode_dataset', 'evaluate_shapes', 'zeroshot_metrics', 'retrieval_metrics', 'order_perturbations',
            'text_scores', 'compositional_probes', 'winoground_scores', 'winoground_shapes', 'winoground_probe',
-           'patch_hits', 'word_token_index', 'pointing_game', 'embedding_geometry', 'evaluate', 'write_results',
-           'EvalCallback']
+           'patch_hits', 'word_token_index', 'pointing_game', 'embedding_geometry', 'encode_texts',
+           'long_caption_metrics', 'tokenwise_metrics', 'evaluate', 'write_results', 'EvalCallback']
 
 # %% ../nbs/07_eval.ipynb #07-005
 @torch.no_grad()
@@ -73,7 +75,7 @@ COLOR_TEMPLATES = tuple(f"a {{}} {s}" for s in SHAPES)
 def evaluate_shapes(model: VLModel, path, # a shapes world split (JSONL written by `generate_shapes_world`)
                     batch_size: int = 256, progress: bool = True) -> dict:
     "Zero-shot shape and colour top-1 (single-object images) with chance levels, and retrieval R@1/R@5 on `path`."
-    ds = ImageCaptionDataset(path, image_size=model.image_size, mean=model.image_mean, std=model.image_std, skip_bad=False)
+    ds = ImageCaptionDataset(path, model.preprocess, skip_bad=False)
     img, txt = encode_dataset(model, ds, batch_size, progress)
     single = [i for i, r in enumerate(ds.records) if len(r.get("objects", [])) == 1]
     if not single: raise ValueError(f"{path} has no single-object records (with an 'objects' list) for zero-shot evaluation")
@@ -114,14 +116,14 @@ def retrieval_metrics(image_embed: torch.Tensor, # `[N_images, D]`
     return out
 
 # %% ../nbs/07_eval.ipynb #07-018
-from .text import tokenize_words, join_words, _singular, ADJECTIVES
+from .text import tokenize_words, join_words, singular, ADJECTIVES
 
 def order_perturbations(caption: str, rand) -> list[str]:
     """ARO's four word-order perturbations of a caption: nouns shuffled among themselves and then adjectives among
     themselves; everything but nouns and adjectives shuffled; trigrams shuffled; words shuffled within each trigram.
     Those equal to the caption are redrawn a few times, then dropped."""
     words = tokenize_words(caption)
-    nouns = [i for i, w in enumerate(words) if _singular(w)]
+    nouns = [i for i, w in enumerate(words) if singular(w)]
     adjs = [i for i, w in enumerate(words) if w.lower() in ADJECTIVES and i not in nouns]
     other = [i for i, w in enumerate(words) if i not in nouns and i not in adjs and w[0].isalnum()]
     def shuffle_at(*groups):
@@ -166,7 +168,7 @@ def compositional_probes(model: VLModel, path, # records with `negatives` ({text
     """SugarCrepe-style accuracy per negative kind; ARO's VG-Relation (macro over relations) and VG-Attribution (macro over
     attribute pairs), where a tie counts against the true caption; ARO's order accuracy, where a tie counts for it."""
     import random
-    ds = ImageCaptionDataset(path, image_size=model.image_size, mean=model.image_mean, std=model.image_std, skip_bad=False)
+    ds = ImageCaptionDataset(path, model.preprocess, skip_bad=False)
     model.eval()
     pairs = [(i, n) for i, r in enumerate(ds.records) for n in r.get("negatives", []) if n.get("positive")]
     if not pairs: raise ValueError(f"{path} has no negatives with their positive text ('negatives': [{{text, kind, positive}}])")
@@ -229,12 +231,9 @@ def winoground_shapes(n: int = 100, seed: int = 0, size: int = 64) -> list[tuple
 def winoground_probe(model: VLModel, n: int = 100, seed: int = 0) -> dict[str, float]:
     "Winoground-style scores of `model` on `n` colour-swapped shapes world pairs."
     from PIL import Image
-    from vlwb.data import image_to_tensor
     model.eval()
     pairs = winoground_shapes(n, seed, model.image_size)
-    dev = model.logit_scale.device
-    img = torch.stack([image_to_tensor(Image.fromarray(p), model.image_size, model.image_mean, model.image_std)
-                       for p0, p1, *_ in pairs for p in (p0, p1)]).to(dev)
+    img = model.prepare([Image.fromarray(p) for p0, p1, *_ in pairs for p in (p0, p1)])
     ie = model.encode_image(img).embed.reshape(n, 2, -1)
     te = model.encode_text([c for *_, c0, c1 in pairs for c in (c0, c1)]).embed.reshape(n, 2, -1)
     return winoground_scores(torch.einsum("kid,kjd->kij", ie, te).cpu())
@@ -255,7 +254,7 @@ def word_token_index(model: VLModel, words: list[str], k: int) -> int:
 def pointing_game(model: VLModel, path, # a shapes world split (records with objects and a mask label map)
                   max_images: int = 300, progress: bool = True) -> dict[str, float]:
     "Pointing-game hit rates of FILIP word maps (colour and shape words) and dense phrase maps, with random and centre baselines."
-    ds = ImageCaptionDataset(path, image_size=model.image_size, mean=model.image_mean, std=model.image_std, skip_bad=False)
+    ds = ImageCaptionDataset(path, model.preprocess, skip_bad=False)
     model.eval()
     dev = model.logit_scale.device
     hits = {k: [] for k in ("filip_color", "filip_shape", "dense", "random", "centre")}
@@ -275,7 +274,8 @@ def pointing_game(model: VLModel, path, # a shapes world split (records with obj
             word_maps = {"filip_color": txt.tokens[j, word_token_index(model, words, 1)],
                          "filip_shape": txt.tokens[j, word_token_index(model, words, 2)], "dense": txt.embed[j]}
             for name, vec in word_maps.items():
-                hits[name].append(float(over[k, int((patches @ vec).argmax())]))
+                best = int(word_patch_similarity(patches[None], vec[None, None])[0, 0, :, 0].argmax()) # the word's best patch
+                hits[name].append(float(over[k, best]))
             hits["random"].append(over[k].float().mean().item())
             hits["centre"].append(float(over[k, (gh // 2) * gw + gw // 2]))
     if not hits["random"]: raise ValueError(f"{path}: no records with objects and masks for the pointing game")
@@ -294,8 +294,68 @@ def embedding_geometry(image_embed: torch.Tensor, text_embed: torch.Tensor) -> d
             "alignment": (image_embed - text_embed).norm(dim=1).pow(2).mean().item(),
             "uniformity_image": uniformity(image_embed), "uniformity_text": uniformity(text_embed)}
 
+# %% ../nbs/07_eval.ipynb #07-026b
+@torch.no_grad()
+def encode_texts(model: VLModel, texts: Sequence[str], batch_size: int = 256, tokens: bool = False):
+    "Pooled embeddings `[T,D]` of `texts` (with `tokens=True`: also the word tokens `[T,L,D]` and word mask `[T,L]`), on the CPU."
+    out = []
+    for b in range(0, len(texts), batch_size):
+        e = model.encode_text(list(texts[b:b + batch_size]))
+        out.append((e.embed.cpu(), e.tokens.cpu(), e.word_mask.cpu()) if tokens else (e.embed.cpu(),))
+    if not out: raise ValueError("no texts to encode")
+    if not tokens: return torch.cat([o[0] for o in out])
+    L = max(o[1].shape[1] for o in out) # batches may pad to different lengths
+    pad = lambda x, v: torch.nn.functional.pad(x, (0, 0, 0, L - x.shape[1]) if x.ndim == 3 else (0, L - x.shape[1]), value=v)
+    return torch.cat([o[0] for o in out]), torch.cat([pad(o[1], 0.0) for o in out]), torch.cat([pad(o[2], False) for o in out])
+
+@torch.no_grad()
+def long_caption_metrics(model: VLModel, ds: ImageCaptionDataset, img: torch.Tensor, # `[N,D]` image embeddings of `ds`
+                         ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    "Retrieval with each record's long caption, and with its sentences unique to one image as sub-caption queries."
+    from collections import Counter
+    recs = [i for i, r in enumerate(ds.records) if r.get("long")]
+    if not recs: return {}
+    longs = [ds.records[i]["long"] for i in recs]
+    ids, mask = model.tokenize(longs)
+    out = {f"long_{k}": v for k, v in retrieval_metrics(img[recs], encode_texts(model, longs), torch.arange(len(recs)), ks).items()}
+    out["long_truncated"] = mask.all(1).float().mean().item() # every position used: the caption did not fit
+    sents = [(j, s) for j, l in enumerate(longs) for s in dict.fromkeys(split_sentences(l))]
+    count = Counter(s for _, s in sents)
+    sents = [(j, s) for j, s in sents if count[s] == 1]
+    if sents:
+        sub = encode_texts(model, [s for _, s in sents])
+        out.update({f"subcaption_{k}": v for k, v in retrieval_metrics(img[recs], sub, torch.tensor([j for j, _ in sents]), ks).items()})
+        out["subcaption_queries"] = len(sents)
+    return out
+
+@torch.no_grad()
+def tokenwise_metrics(model: VLModel, ds: ImageCaptionDataset, ks: Sequence[int] = (1, 5), batch_size: int = 128,
+                      progress: bool = True) -> dict[str, float]:
+    "FILIP's late-interaction scores for retrieval (`s_I` image-to-text, `s_T` text-to-image) and zero-shot (`s_I`, templates averaged)."
+    device = model.logit_scale.device
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=PairCollate(model.tokenize, train=False))
+    patches = torch.cat([model.encode_image(b.images.to(device)).tokens.cpu()
+                         for b in tqdm(loader, desc="patch tokens", disable=not progress, leave=False)])
+    caps = [(i, c) for i in range(len(ds)) for c in ds.captions(i)]
+    _, tok, words = encode_texts(model, [c for _, c in caps], tokens=True)
+    s_i, s_t = filip_similarity(patches, tok, words)
+    out = {}
+    ti = torch.tensor([i for i, _ in caps])
+    for k in ks:
+        out[f"tokenwise_text_retrieval_recall@{k}"] = retrieval_recall(s_i, ti, k)[f"i2t_r{k}"]
+        out[f"tokenwise_image_retrieval_recall@{k}"] = retrieval_recall(s_t, ti, k)[f"t2i_r{k}"]
+    single = [i for i, r in enumerate(ds.records) if len(r.get("objects", [])) == 1]
+    for attr, names, templates in (("shape", SHAPES, SHAPE_TEMPLATES), ("color", list(COLORS), COLOR_TEMPLATES)):
+        if not single: break
+        prompts = [fix_articles(t.format(c)) for c in names for t in templates]
+        _, ptok, pwords = encode_texts(model, prompts, tokens=True)
+        logits = filip_similarity(patches[single], ptok, pwords, directions=("image",))[0].reshape(len(single), len(names), -1).mean(-1)
+        labels = torch.tensor([names.index(ds.records[i]["objects"][0][attr]) for i in single])
+        out.update({f"tokenwise_zeroshot_{attr}_{k}": v for k, v in zeroshot_metrics(logits, labels).items()})
+    return out
+
 # %% ../nbs/07_eval.ipynb #07-028
-TASKS = ("zeroshot", "retrieval", "compositional", "winoground", "pointing", "geometry")
+TASKS = ("zeroshot", "retrieval", "compositional", "winoground", "pointing", "geometry", "long", "tokenwise")
 
 @torch.no_grad()
 def evaluate(model: VLModel, path, # a split with captions (shapes world splits have every field the tasks use)
@@ -305,8 +365,8 @@ def evaluate(model: VLModel, path, # a split with captions (shapes world splits 
     if unknown: raise KeyError(f"unknown evaluation tasks {sorted(unknown)}; known: {', '.join(TASKS)}")
     model.eval()
     out = {}
-    if {"zeroshot", "retrieval", "geometry"} & set(tasks):
-        ds = ImageCaptionDataset(path, image_size=model.image_size, mean=model.image_mean, std=model.image_std, skip_bad=False)
+    if {"zeroshot", "retrieval", "geometry", "long", "tokenwise"} & set(tasks):
+        ds = ImageCaptionDataset(path, model.preprocess, skip_bad=False)
         img, txt = encode_dataset(model, ds, progress=progress)
         if "retrieval" in tasks: # every caption of every image is a query, and a hit for its image (CLIP_benchmark)
             caps = [(i, c) for i in range(len(ds)) for c in ds.captions(i)]
@@ -314,6 +374,8 @@ def evaluate(model: VLModel, path, # a split with captions (shapes world splits 
             out.update(retrieval_metrics(img, all_txt, torch.tensor([i for i, _ in caps])))
             out["retrieval_captions"] = len(caps)
         if "geometry" in tasks: out.update(embedding_geometry(img, txt))
+        if "long" in tasks: out.update(long_caption_metrics(model, ds, img))
+        if "tokenwise" in tasks: out.update(tokenwise_metrics(model, ds, progress=progress))
         single = [i for i, r in enumerate(ds.records) if len(r.get("objects", [])) == 1]
         if "zeroshot" in tasks and single:
             for attr, names, templates in (("shape", SHAPES, SHAPE_TEMPLATES), ("color", list(COLORS), COLOR_TEMPLATES)):

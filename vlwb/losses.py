@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import ImageEnc, TextEnc, PairBatch, Registry, TextKind, l2norm, first_of_kind
+from .core import ImageEnc, TextEnc, PairBatch, Registry, TextKind, l2norm, first_of_kind, word_patch_similarity
 
 # %% auto #0
 __all__ = ['OBJECTIVES', 'dist_info', 'gather_rows', 'Contrast', 'Objective', 'clip_loss', 'ClipObjective', 'SigLipObjective',
@@ -222,7 +222,7 @@ def filip_similarity(img_tokens: torch.Tensor, # `[B,I,D]` unit-norm patch token
     n_real = mask.sum(1).clamp(min=1).to(txt_tokens.dtype)
     s_i, s_t = [], []
     for b0 in range(0, len(img_tokens), chunk):
-        sim = torch.einsum("bkd,trd->btkr", img_tokens[b0:b0 + chunk], txt_tokens) # [c,T,I,L]
+        sim = word_patch_similarity(img_tokens[b0:b0 + chunk], txt_tokens) # [c,T,I,L]
         if "image" in directions:
             s_i.append(sim.masked_fill(~mask[None, :, None, :], float("-inf")).max(-1).values.mean(-1))
         if "text" in directions:
@@ -232,7 +232,7 @@ def filip_similarity(img_tokens: torch.Tensor, # `[B,I,D]` unit-norm patch token
 
 def filip_similarity_naive(img_tokens, txt_tokens, txt_mask):
     "The same two similarities from the all-pairs tensor at once (the formulation `filip_similarity` must equal)."
-    sim = torch.einsum("bkd,trd->btkr", img_tokens, txt_tokens)
+    sim = word_patch_similarity(img_tokens, txt_tokens)
     mask = txt_mask.bool()[None, :, None, :]
     s_i = sim.masked_fill(~mask, float("-inf")).amax(-1).mean(-1)
     s_t = (sim.amax(2) * txt_mask[None].to(sim.dtype)).sum(-1) / txt_mask.sum(1).clamp(min=1)

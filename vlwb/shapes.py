@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from .core import rng, atomic_write
 from .text import indefinite
-from .data import ShardWriter, encode_png
+from .shards import ShardWriter
+from .images import encode_png
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLORS', 'MODIFIERS', 'SIZES', 'RELATIONS', 'NEGATIVE_KINDS', 'shape_mask', 'position_words', 'relation',

@@ -83,17 +83,20 @@ def _steps_done(d: Path) -> int:
     return json.loads(c.read_text()).get("global_step", 0) if c.exists() else 0
 
 def run_one(study: Study, arm: Arm, seed: int, root, world, env: Optional[dict] = None) -> str:
-    """Train (or resume) and evaluate one run; returns what it did: 'done' (already finished: skipped), 'trained', 'resumed'.
+    """Train (or resume) and evaluate one run; returns what it did: 'done' (already finished: skipped), 'trained', 'resumed', 're-evaluated' (tasks changed).
     A run is finished when its `eval.json` exists; a killed one resumes from its last Lightning checkpoint."""
     d = run_dir(root, arm.name, seed)
     args = train_args(study, arm, seed, world, d)
     spec = {"train": args, "tasks": study.tasks}
-    if (d / "run.json").exists() and json.loads((d / "run.json").read_text()) != spec:
-        raise ValueError(f"{d} was run with other settings ({d / 'run.json'}): give the changed study another name, or delete "
-                         "its run folders to run it again")
-    if (d / "eval.json").exists(): return "done"
+    old = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else None
+    if old is not None and old["train"] != spec["train"]:
+        raise ValueError(f"{d} was trained with other settings ({d / 'run.json'}): give the changed study another name, or "
+                         "delete its run folders to run it again")
+    evaluated = (d / "eval.json").exists()
+    if evaluated and old is not None and old["tasks"] == spec["tasks"]: return "done"
     write_json(d / "run.json", spec)
-    what = "trained"
+    # the same training with other evaluation tasks (or tasks not recorded) is evaluated again, not retrained
+    what = "re-evaluated" if evaluated else "trained"
     if _steps_done(d) < study.steps:
         last = d / "resume" / "last.ckpt"
         if last.exists(): args += ["--ckpt_path", str(last)]; what = "resumed"

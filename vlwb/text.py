@@ -9,12 +9,39 @@ import torch
 
 # %% auto #0
 __all__ = ['COLOR_WORDS', 'SIZE_WORDS', 'ADJECTIVES', 'NOUN_CATEGORIES', 'NOUNS', 'SYNONYMS', 'HYPERNYMS', 'PERSON_ROLES',
-           'DETERMINERS', 'SPATIAL', 'VERBS', 'NEGATIVE_KINDS', 'Tokenizer', 'indefinite', 'fix_articles',
-           'split_sentences', 'subcaption_pool', 'sample_subcaptions', 'may_name_same', 'NounPhrase', 'plural',
-           'tokenize_words', 'join_words', 'noun_phrases', 'relations', 'hard_negatives']
+           'DETERMINERS', 'SPATIAL', 'VERBS', 'NEGATIVE_KINDS', 'TextTokenizer', 'check_texts', 'Tokenizer',
+           'indefinite', 'fix_articles', 'split_sentences', 'subcaption_pool', 'sample_subcaptions', 'may_name_same',
+           'singular', 'NounPhrase', 'plural', 'tokenize_words', 'join_words', 'noun_phrases', 'relations',
+           'hard_negatives']
 
 # %% ../nbs/01_text.ipynb #01-005
-class Tokenizer:
+class TextTokenizer:
+    """What a model's tokenizer answers: texts to ids and masks, and what the positions mean.
+    Every backend's tokenizer is one of these, so data, figures and the demo never ask which backend they face."""
+    context_length: int = 0 # the longest text in tokens, special tokens included
+    special_ids: frozenset = frozenset() # ids that are not words (start, end, padding, ...)
+
+    def __call__(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        "Token ids `[N,L]` (long) and mask `[N,L]` (True on real tokens) for `texts`."
+        raise NotImplementedError
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        "A readable string per id (word-piece markers removed), for figures."
+        raise NotImplementedError
+
+    def pooled_index(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        "`[N]` the position whose feature is the text's pooled embedding (default: the last real token)."
+        return mask.sum(-1).clamp(min=1) - 1
+
+def check_texts(texts) -> list[str]:
+    "`texts` as a list of strings (one string becomes a list of one); anything else names the bad items."
+    if isinstance(texts, str): return [texts]
+    texts = list(texts)
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad: raise TypeError(f"texts must be strings; items {bad[:5]} are {type(texts[bad[0]]).__name__}")
+    return texts
+
+class Tokenizer(TextTokenizer):
     "CLIP's BPE tokenizer (open_clip's bundled vocabulary) returning token ids and the mask of real tokens."
     def __init__(self, context_length: int = 32, # tokens per text, start and end tokens included; longer texts are truncated
                 ):
@@ -24,19 +51,20 @@ class Tokenizer:
         self._bpe = SimpleTokenizer(context_length=context_length)
         self.vocab_size = len(self._bpe.encoder)
         self.sot, self.eot, self.pad = self._bpe.sot_token_id, self._bpe.eot_token_id, 0
+        self.special_ids = frozenset({self.sot, self.eot, self.pad})
 
     def __call__(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         "Token ids `[N,L]` (long) and mask `[N,L]` (True on real tokens) for `texts`."
-        if isinstance(texts, str): texts = [texts]
-        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
-        if bad: raise TypeError(f"texts must be strings; items {bad[:5]} are {type(texts[bad[0]]).__name__}")
-        ids = self._bpe(list(texts), context_length=self.context_length)
+        ids = self._bpe(check_texts(texts), context_length=self.context_length)
         return ids, ids != self.pad
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        return [self._bpe.decoder[int(i)].replace("</w>", "") for i in ids]
 
     def tokens(self, text: str) -> list[str]:
         "The readable token strings of `text`, start and end tokens included, as the model sees them (truncated)."
         ids, mask = self(text)
-        return [self._bpe.decoder[int(i)].replace("</w>", "") for i in ids[0][mask[0]]]
+        return self.token_strings(ids[0][mask[0]])
 
     def __repr__(self): return f"Tokenizer(context_length={self.context_length}, vocab_size={self.vocab_size})"
 
@@ -178,7 +206,7 @@ from dataclasses import dataclass, field
 
 _WORD = re.compile(r"[A-Za-z]+(?:[-'][A-Za-z]+)*|[^\sA-Za-z]+")
 
-def _singular(w: str) -> Optional[str]:
+def singular(w: str) -> Optional[str]:
     "The lexicon noun `w` is a form of, or None."
     w = w.lower()
     if w in NOUNS: return w
@@ -222,10 +250,10 @@ def noun_phrases(words: list[str]) -> list[NounPhrase]:
     while i < n:
         j, det, adjs = i, None, []
         if words[j].lower() in DETERMINERS: det, j = j, j + 1
-        while j < n and words[j].lower() in ADJECTIVES and not (_singular(words[j]) and (j + 1 >= n or not _singular(words[j + 1]) and words[j + 1].lower() not in ADJECTIVES)):
+        while j < n and words[j].lower() in ADJECTIVES and not (singular(words[j]) and (j + 1 >= n or not singular(words[j + 1]) and words[j + 1].lower() not in ADJECTIVES)):
             adjs.append(j); j += 1
         nouns = []
-        while j < n and _singular(words[j]): nouns.append(j); j += 1
+        while j < n and singular(words[j]): nouns.append(j); j += 1
         if nouns:
             out.append(NounPhrase(i, j, det, adjs, nouns)); i = j
         else: i += 1
@@ -294,7 +322,7 @@ def hard_negatives(caption: str, # a free-form English caption
             for b in range(a + 1, len(nps)):
                 A, B = nps[a], nps[b]
                 if A.adjs and B.adjs and [words[i].lower() for i in A.adjs] != [words[i].lower() for i in B.adjs] \
-                   and _singular(words[A.nouns[-1]]) != _singular(words[B.nouns[-1]]):
+                   and singular(words[A.nouns[-1]]) != singular(words[B.nouns[-1]]):
                     out = list(words)
                     wa, wb = [words[i] for i in A.adjs], [words[i] for i in B.adjs]
                     out[A.adjs[0]:A.adjs[-1] + 1] = [w.lower() for w in wb] # indices after A shift by len(wb) - len(wa)
@@ -307,9 +335,9 @@ def hard_negatives(caption: str, # a free-form English caption
             head = lambda p: [words[i].lower() for i in p.adjs + p.nouns]
             if head(A) != head(B): candidates["swap_relation"].append(_swap_spans(words, _np_span(A), _np_span(B)))
     if "replace_object" in kinds:
-        present = {_singular(words[i]) for p in nps for i in p.nouns}
+        present = {singular(words[i]) for p in nps for i in p.nouns}
         for p in nps:
-            i = p.nouns[-1]; noun = _singular(words[i]); cat = NOUNS[noun]
+            i = p.nouns[-1]; noun = singular(words[i]); cat = NOUNS[noun]
             if cat in ("place",): continue
             is_plural = words[i].lower() != noun
             for alt in NOUN_CATEGORIES[cat]:

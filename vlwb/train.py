@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .core import PairBatch, atomic_write, save_checkpoint
-from .data import ImageCaptionDataset, PairDataModule
-from .models import create_model, VLModel
+from .records import ImageCaptionDataset
+from .data import PairDataModule
+from .models import VLModel, add_lora, create_model, freeze_parameters, is_checkpoint, load, model_from, reloadable
 from .losses import Objectives
 
 # %% auto #0
@@ -60,8 +61,10 @@ def second_view(images: torch.Tensor, min_scale: float = 0.7, generator: Optiona
 # %% ../nbs/06_train.ipynb #06-010
 class VLModule(L.LightningModule):
     "Train a `VLModel` with weighted objectives (Lightning: CPU, GPU or many nodes)."
-    def __init__(self, model: str | dict = "builtin:tiny", # "builtin:tiny", a spec dict, or a checkpoint directory
+    def __init__(self, model: str | dict = "builtin:tiny", # a model name ("builtin:tiny", "open_clip:ViT-B-32:openai"), a spec dict, or a saved model
                  model_config: Optional[dict] = None, # overrides of the model's config (e.g. {"embed_dim": 64})
+                 freeze: Optional[list[str]] = None, # parameter-name patterns to keep fixed (fnmatch), e.g. ["net.visual.*"]
+                 lora: Optional[dict] = None, # LoRA on the attention projections, e.g. {"r": 8, "alpha": 16}; everything else frozen
                  objectives: Mapping = {"clip": 1.0}, # objective name -> weight (or {weight, **kwargs})
                  lr: float = 5e-4, # peak learning rate
                  weight_decay: float = 0.2, # AdamW decay of weight matrices
@@ -73,7 +76,11 @@ class VLModule(L.LightningModule):
                 ):
         super().__init__()
         self.save_hyperparameters()
-        self.model: VLModel = create_model(model, **(model_config or {}))
+        self.model: VLModel = load(model).train() if is_checkpoint(model) else create_model(model, **(model_config or {}))
+        self.frozen = freeze_parameters(self.model, freeze or [])
+        if lora is not None:
+            self.trained = add_lora(self.model, **lora)
+            if reloadable(model): self.model.adapter.update(base=model, keys=self.trained) # checkpoints keep the adapter alone
         self.objectives = Objectives(dict(objectives), merge_duplicates, embed_dim=self.model.embed_dim)
         self.momentum_model: Optional[VLModel] = None
         if self.objectives.needs_momentum:
@@ -147,9 +154,12 @@ class SafetensorsCheckpoint(L.Callback):
         self.dirpath, self.every_n_steps = Path(dirpath), every_n_steps
 
     def save(self, trainer, module):
-        if trainer.is_global_zero:
-            save_checkpoint(module.model, self.dirpath, extra={"global_step": trainer.global_step,
-                                                               "objectives": dict(module.hparams.objectives)})
+        if not trainer.is_global_zero: return
+        extra = {"global_step": trainer.global_step, "objectives": dict(module.hparams.objectives)}
+        adapter = getattr(module.model, "adapter", None)
+        if adapter: extra["adapter"] = adapter # LoRA: how to put it back; with a `base`, only its tensors are saved
+        keys = set(adapter["keys"]) if adapter and adapter.get("base") else None
+        save_checkpoint(module.model, self.dirpath, extra=extra, keys=keys)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0: self.save(trainer, module)
@@ -225,8 +235,7 @@ def image_neighbours(model: VLModel, # whose image embeddings define "near"
     if path.exists(): return load_file(str(path))["neighbours"]
     was_training = model.training
     model.eval()
-    view = ImageCaptionDataset(ds.path, image_size=model.image_size, mean=model.image_mean, std=model.image_std,
-                               image_root=ds.root, masks=False) # the neighbour model's own input size and normalisation
+    view = ImageCaptionDataset(ds.path, model.preprocess, image_root=ds.root, masks=False) # the neighbour model's own input size and normalisation
     device = model.logit_scale.device
     embeds, ok = [], []
     for b in tqdm(range(0, len(view), batch_size), desc="neighbour embeddings", disable=not progress, leave=False):
@@ -262,7 +271,7 @@ class HardNegativeImages(L.Callback):
         if dm.train_ds is None: dm.setup(stage)
         if not isinstance(dm.train_ds, ImageCaptionDataset):
             raise ValueError("hard-negative images need a file or folder dataset (a neighbour table indexes its records), not shards")
-        model = create_model(self.model) if self.model else pl_module.model
+        model = model_from(self.model) if self.model else pl_module.model
         dm.neighbours = image_neighbours(model, dm.train_ds, self.k, self.cache_dir, progress=trainer.is_global_zero)
 
 # %% ../nbs/06_train.ipynb #06-018
@@ -283,6 +292,22 @@ class VLCLI(LightningCLI):
         parser.add_argument("--out", default="runs/train", help="run folder: logs/, checkpoint/ (safetensors), resume/ (Lightning)")
         parser.add_argument("--save_every", type=int, default=100, help="save checkpoint/ and resume/ every this many steps")
         parser.add_argument("--progress", type=bool, default=True, help="show a progress bar")
+        # the data follows the model: its tokenizer and image preprocessing, whatever the backend
+        parser.link_arguments("model", "data.tokenizer", compute_fn=lambda module: module.model.tokenizer, apply_on="instantiate")
+        parser.link_arguments("model", "data.preprocess", compute_fn=lambda module: module.model.preprocess, apply_on="instantiate")
+
+    def before_instantiate_classes(self):
+        "Write the shapes world `--data.shapes` names if it is not there yet (one process writes, the others wait)."
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        world = cfg.data.shapes
+        if not world or (Path(world) / "train.jsonl").exists(): return
+        import fcntl
+        from vlwb.shapes import generate_shapes_world
+        Path(world).parent.mkdir(parents=True, exist_ok=True)
+        with open(Path(world).parent / f".{Path(world).name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (Path(world) / "train.jsonl").exists():
+                generate_shapes_world(world, n_train=4000, n_val=200, n_test=900, seed=cfg.data.seed)
 
     def instantiate_trainer(self, **kwargs):
         cfg = self.config[self.subcommand] if self.subcommand else self.config

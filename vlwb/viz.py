@@ -16,158 +16,29 @@ from PIL import Image
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .core import ImageEnc, TextEnc
-from .data import load_image, image_to_tensor, tensor_to_image, encode_png, to_rgb
+from .images import encode_png
 from .models import VLModel
+from .interpret import prepare
 
 # %% auto #0
-__all__ = ['as_image', 'prepare', 'token_labels', 'word_patch_alignment', 'alignment_from_encodings', 'attention_rollout',
-           'chefer_relevance', 'explain', 'model_view', 'heatmap_figure', 'alignment_figure', 'attention_grid_figure',
-           'explanation_figure', 'caption_scores', 'caption_comparison_figure', 'project_2d',
-           'embedding_scatter_figure', 'read_metrics_csv', 'training_curves_figure', 'train_viz_model',
-           'alignment_grid_figure', 'study_figure', 'study_curves_figure', 'write_report']
-
-# %% ../nbs/08_viz.ipynb #08-006
-def as_image(x) -> Image.Image:
-    "An RGB PIL image from a path, `skimage:<name>`, bytes, a PIL image or a `[H,W(,3)]` array."
-    if isinstance(x, Image.Image): return to_rgb(x)
-    if isinstance(x, np.ndarray):
-        a = x if x.dtype == np.uint8 else (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
-        return Image.fromarray(a).convert("RGB")
-    if isinstance(x, str) and x.startswith("skimage:"):
-        from vlwb.data import skimage_path
-        return load_image(skimage_path(x.split(":", 1)[1]))
-    return load_image(x)
-
-def prepare(model: VLModel, image) -> torch.Tensor:
-    "The model's input `[1,3,S,S]` for one image (centre-cropped, resized, normalised as the model was trained)."
-    t = image_to_tensor(as_image(image), model.image_size, model.image_mean, model.image_std)
-    return t[None].to(model.logit_scale.device)
-
-def _vocab(model: VLModel):
-    "(id -> readable string, set of special ids) of the model's tokenizer; the model says which ids are special."
-    tok = getattr(model, "hf_tokenizer", None)
-    if tok is not None:
-        return (lambda i: tok.convert_ids_to_tokens(int(i)).replace("</w>", "").replace("▁", "")), model.special_ids
-    tok = getattr(model, "tokenizer", None) or getattr(model, "bpe", None)
-    bpe = getattr(tok, "_bpe", tok)
-    if hasattr(bpe, "decoder"):
-        return (lambda i: bpe.decoder[int(i)].replace("</w>", "")), model.special_ids
-    raise TypeError(f"cannot read the vocabulary of {type(model).__name__}'s tokenizer")
-
-def token_labels(model: VLModel, text: str) -> tuple[torch.Tensor, torch.Tensor, list[str], list[bool]]:
-    "Token ids `[L]`, mask `[L]`, a readable label per position and whether it is special (start, end, padding)."
-    ids, mask = model.tokenize([text])
-    ids, mask = ids[0], mask[0]
-    name, special = _vocab(model)
-    labels = [name(i) if m else "" for i, m in zip(ids.tolist(), mask.tolist())]
-    return ids, mask, labels, [(not m) or int(i) in special for i, m in zip(ids.tolist(), mask.tolist())]
-
-# %% ../nbs/08_viz.ipynb #08-009
-@torch.no_grad()
-def word_patch_alignment(model: VLModel, image, caption: str) -> dict:
-    """FILIP's token-wise similarities of one caption with one image: `maps [W,gh,gw]` for the caption's W word tokens
-    (special tokens left out), their labels and positions, each word's best patch `(row, col)` and its score."""
-    model.eval()
-    x = image if isinstance(image, torch.Tensor) else prepare(model, image)
-    ie = model.encode_image(x)
-    ids, mask, labels, special = token_labels(model, caption)
-    te = model.encode_text(ids[None].to(x.device), mask[None].to(x.device))
-    return alignment_from_encodings(ie, te, labels, special)
-
-def alignment_from_encodings(ie: ImageEnc, te: TextEnc, labels: list[str], special: list[bool], i: int = 0, t: int = 0) -> dict:
-    "The word-patch alignment of image `i` of `ie` and text `t` of `te` (see `word_patch_alignment`)."
-    keep = [k for k, s in enumerate(special) if not s]
-    gh, gw = ie.grid
-    sim = (te.tokens[t, keep].float() @ ie.tokens[i].float().T).cpu() # [W, N] cosine
-    best = sim.argmax(1)
-    return {"maps": sim.reshape(len(keep), gh, gw), "words": [labels[k] for k in keep], "positions": keep,
-            "best": [(int(b) // gw, int(b) % gw) for b in best], "best_score": sim.max(1).values, "grid": (gh, gw)}
-
-# %% ../nbs/08_viz.ipynb #08-012
-def attention_rollout(maps: Sequence[torch.Tensor], # per layer `[B,heads,N,N]` (or `[heads,N,N]`)
-                      residual: float = 0.5, # weight of the identity added for the residual connection
-                      ) -> torch.Tensor:
-    "Abnar & Zuidema's attention rollout `[B,N,N]`: head-averaged attention plus identity, rows renormalised, multiplied over layers."
-    R = None
-    for A in maps:
-        A = A.float().mean(-3)
-        A = (1 - residual) * A + residual * torch.eye(A.shape[-1], device=A.device)
-        A = A / A.sum(-1, keepdim=True)
-        R = A if R is None else A @ R
-    return R
-
-def chefer_relevance(maps: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-    "Chefer et al.'s relevance `[B,N,N]`: from `R = I`, per layer `R += E_h[(grad * A)^+] @ R`; the identity is subtracted at the end."
-    R = None
-    for A, g in zip(maps, grads):
-        A = A.detach().float()
-        if R is None: R = torch.eye(A.shape[-1], device=A.device).expand(*A.shape[:-3], -1, -1).clone()
-        if g is None: continue # no gradient reached this layer: it adds nothing
-        Abar = (g.detach().float() * A).clamp(min=0).mean(-3)
-        R = R + Abar @ R
-    return R - torch.eye(R.shape[-1], device=R.device)
-
-def _pool_row(R: torch.Tensor, n_patches: int) -> torch.Tensor:
-    "The pooled token's row over the patches: the class token's when there is one, else the mean over query rows."
-    return R[..., 0, 1:] if R.shape[-1] == n_patches + 1 else R[..., :, -n_patches:].mean(-2)
-
-def _text_pool_index(model: VLModel, mask: torch.Tensor) -> int:
-    return mask.shape[-1] - 1 if getattr(model, "kind", "") == "SiglipModel" else int(mask.sum()) - 1
-
-class _grads_on:
-    "Let gradients reach the attention maps of a model whose parameters are frozen (restored on exit)."
-    def __init__(self, model): self.model = model
-    def __enter__(self):
-        self.saved = [(p, p.requires_grad) for p in self.model.parameters()]
-        for p, _ in self.saved: p.requires_grad_(True)
-        self.grad = torch.enable_grad(); self.grad.__enter__()
-    def __exit__(self, *exc):
-        self.grad.__exit__(*exc)
-        for p, r in self.saved: p.requires_grad_(r)
-
-def explain(model: VLModel, image, caption: str) -> dict:
-    """Everything the attention figures show for one image and caption: per-layer attention, rollout and gradient relevance
-    for both towers (image maps `[gh,gw]`, text values per word), the words and the image-text score."""
-    model.eval()
-    x = image if isinstance(image, torch.Tensor) else prepare(model, image)
-    ids, mask, labels, special = token_labels(model, caption)
-    with _grads_on(model):
-        ie = model.encode_image(x, attn=True)
-        te = model.encode_text(ids[None].to(x.device), mask[None].to(x.device), attn=True)
-        if not ie.attn or not te.attn: raise NotImplementedError(f"{type(model).__name__} returned no attention maps")
-        score = (ie.embed[0] * te.embed[0]).sum()
-        grads = torch.autograd.grad(score, ie.attn + te.attn, allow_unused=True)
-    img_attn, txt_attn = [A.detach().float() for A in ie.attn], [A.detach().float() for A in te.attn] # batch of one each
-    gh, gw = ie.grid
-    n = gh * gw
-    keep = [k for k, s in enumerate(special) if not s]
-    eot = _text_pool_index(model, mask)
-    img_layers = torch.stack([_pool_row(A[0], n) for A in img_attn]).reshape(len(img_attn), -1, gh, gw) # [layers,heads,gh,gw]
-    txt_layers = torch.stack([A[0, :, eot] for A in txt_attn])[..., keep] # [layers,heads,W]
-    rel_img = chefer_relevance(img_attn, grads[:len(img_attn)])[0]
-    rel_txt = chefer_relevance(txt_attn, grads[len(img_attn):])[0]
-    return {"image_attention": img_layers.cpu(), "text_attention": txt_layers.cpu(),
-            "image_rollout": _pool_row(attention_rollout(img_attn)[0], n).reshape(gh, gw).cpu(),
-            "text_rollout": attention_rollout(txt_attn)[0, eot, keep].cpu(),
-            "image_relevance": _pool_row(rel_img, n).reshape(gh, gw).cpu(),
-            "text_relevance": rel_txt[eot, keep].cpu(),
-            "words": [labels[k] for k in keep], "score": score.item(), "grid": (gh, gw)}
+__all__ = ['data_uri', 'model_view', 'heatmap_figure', 'alignment_figure', 'attention_grid_figure', 'explanation_figure',
+           'caption_scores', 'caption_comparison_figure', 'project_2d', 'embedding_scatter_figure', 'read_metrics_csv',
+           'training_curves_figure', 'alignment_grid_figure', 'study_figure', 'study_curves_figure']
 
 # %% ../nbs/08_viz.ipynb #08-017
-def _data_uri(im: Image.Image) -> str:
+def data_uri(im: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(encode_png(np.asarray(im.convert("RGB")))).decode()
 
 def model_view(model: VLModel, x: torch.Tensor) -> Image.Image:
     "The image the model saw (its input crop, normalisation undone)."
-    return tensor_to_image(x[0], model.image_mean, model.image_std)
+    return model.preprocess.to_image(x[0])
 
 def _overlay(fig, im: Image.Image, heat: Optional[torch.Tensor], row=None, col=None, colorscale="Inferno",
              zmin=None, zmax=None, showscale=True, opacity=0.6, name=""):
     "Draw `im` and a `[gh,gw]` heat map over it (cells aligned with the patches) in one subplot."
     W, H = im.size
     kw = {} if row is None else dict(row=row, col=col)
-    fig.add_trace(go.Image(source=_data_uri(im), x0=0, y0=0, dx=1, dy=1, hoverinfo="skip", name="image"), **kw)
+    fig.add_trace(go.Image(source=data_uri(im), x0=0, y0=0, dx=1, dy=1, hoverinfo="skip", name="image"), **kw)
     if heat is not None:
         gh, gw = heat.shape
         z = heat.detach().float().cpu().numpy()
@@ -363,34 +234,6 @@ def training_curves_figure(run_dir) -> go.Figure:
     fig.update_layout(title=f"training curves: {run_dir}", width=1100, height=380, margin=dict(l=10, r=10, t=60, b=10))
     return fig
 
-# %% ../nbs/08_viz.ipynb #08-031
-def train_viz_model(out="runs/viz-filip", steps: int = 150, n_train: int = 2000, model: str = "builtin:micro",
-                    objective: str = "filip", seed: int = 0, progress: bool = True):
-    "Train (or load, if `out/checkpoint` exists) a small model on a shapes world for the figures; returns (model, test split path)."
-    from vlwb.models import load
-    import fcntl
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f".{out.name}.lock", "w") as lock: # two notebooks asking for the same model train it once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        test = out / "shapes" / "test.jsonl"
-        if (out / "checkpoint" / "model.safetensors").exists() and test.exists(): return load(out / "checkpoint"), test
-        return _train_viz_model(out, steps, n_train, model, objective, seed, progress)
-
-def _train_viz_model(out, steps, n_train, model, objective, seed, progress):
-    from vlwb.core import seed_everything
-    from vlwb.shapes import generate_shapes_world
-    from vlwb.data import PairDataModule
-    from vlwb.train import VLModule, make_trainer, quiet_lightning
-    quiet_lightning()
-    paths = generate_shapes_world(out / "shapes", n_train=n_train, n_val=50, n_test=200, seed=seed, max_objects=3, progress=progress)
-    seed_everything(seed)
-    module = VLModule(model, objectives={objective: 1.0}, lr=1e-3, warmup_steps=min(50, steps // 10))
-    dm = PairDataModule(str(paths["train"]), str(paths["val"]), batch_size=64, image_size=module.model.image_size,
-                        context_length=module.model.config.context_length, seed=seed)
-    make_trainer(out, max_steps=steps, val_every=None, progress=progress).fit(module, dm)
-    return module.model.eval(), paths["test"]
-
 # %% ../nbs/08_viz.ipynb #08-034
 def alignment_grid_figure(image: Image.Image, alignment: dict, per_row: int = 7, max_words: int = 21) -> go.Figure:
     "Every word's map over the image (rows of `per_row`, one colour scale), each best patch boxed."
@@ -453,73 +296,3 @@ def study_curves_figure(curves: list[dict], # rows (arm, seed, step, loss) of a 
 def _cycle_colours(n: int) -> list[str]:
     from plotly.colors import qualitative
     return [qualitative.Plotly[i % len(qualitative.Plotly)] for i in range(n)]
-
-# %% ../nbs/08_viz.ipynb #08-045
-def _report_data(run_dir: Path, data=None) -> Path:
-    if data is not None:
-        if not Path(data).exists(): raise FileNotFoundError(f"--data {data} does not exist")
-        return Path(data)
-    if (run_dir / "shapes" / "test.jsonl").exists(): return run_dir / "shapes" / "test.jsonl"
-    import yaml
-    for cfg in sorted(run_dir.rglob("config.yaml")):
-        d = (yaml.safe_load(cfg.read_text()) or {}).get("data") or {}
-        for cand in ([Path(d["shapes"]) / "test.jsonl"] if d.get("shapes") else []) + ([Path(d["val"])] if d.get("val") else []):
-            if cand.exists(): return cand
-    raise FileNotFoundError(f"{run_dir} has no shapes/test.jsonl and its config names no data that exists; pass --data PATH")
-
-def _metrics_table(m: dict) -> str:
-    rows = "".join(f"<tr><td>{k}</td><td>{v:.4g}</td></tr>" if isinstance(v, float) else f"<tr><td>{k}</td><td>{v}</td></tr>"
-                   for k, v in m.items() if isinstance(v, (int, float, str)))
-    return f"<table class='metrics'>{rows}</table>"
-
-def write_report(run_dir, out=None, # the HTML file (default RUN_DIR/report.html)
-                 data=None, # records to draw images from (default: the run's shapes test split)
-                 n_images: int = 4, n_scatter: int = 200, progress: bool = True) -> Path:
-    "A self-contained HTML page of a run's figures: metrics, curves, embedding scatter, word maps, attention, caption comparison."
-    import html, json
-    from tqdm.auto import tqdm
-    from vlwb.core import atomic_write
-    from vlwb.data import ImageCaptionDataset
-    from vlwb.models import load
-    from vlwb.text import hard_negatives
-    run_dir = Path(run_dir)
-    if not (run_dir / "checkpoint").exists(): raise FileNotFoundError(f"{run_dir} has no checkpoint/ (is it a vlwb run folder?)")
-    model = load(run_dir / "checkpoint")
-    data = _report_data(run_dir, data)
-    ds = ImageCaptionDataset(data, image_size=model.image_size, mean=model.image_mean, std=model.image_std, masks=False)
-    parts, first = [], [True]
-    def add(fig, caption=""):
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=first[0], config={"displaylogo": False}))
-        if caption: parts.append(f"<p class='cap'>{html.escape(caption)}</p>")
-        first[0] = False
-    head = [f"<h1>vlwb report: {html.escape(str(run_dir))}</h1>",
-            f"<p>model <code>{html.escape(json.dumps(model.spec, default=str)[:300])}</code><br>images from <code>{html.escape(str(data))}</code></p>"]
-    for name in ("metrics.json", "results.json"):
-        if (run_dir / name).exists():
-            head.append(f"<h2>{name}</h2>" + _metrics_table(json.loads((run_dir / name).read_text())))
-    try: add(training_curves_figure(run_dir))
-    except FileNotFoundError as e: parts.append(f"<p>no training curves: {html.escape(str(e))}</p>")
-    idx = [i for i in range(min(len(ds), n_scatter)) if ds[i] is not None]
-    with torch.no_grad():
-        dev = model.logit_scale.device
-        img = torch.cat([model.encode_image(torch.stack([ds[i]["image"] for i in idx[b:b + 64]]).to(dev)).embed.cpu()
-                         for b in range(0, len(idx), 64)])
-        caps = [ds.records[i]["captions"][0] for i in idx]
-        txt = torch.cat([model.encode_text(caps[b:b + 256]).embed.cpu() for b in range(0, len(caps), 256)])
-    add(embedding_scatter_figure(img, txt, caps), f"{len(idx)} images of {data} and their first captions")
-    for i in tqdm(idx[:n_images], desc="report", disable=not progress, leave=False):
-        rec, x = ds.records[i], ds[i]["image"][None].to(dev)
-        cap, im = rec["captions"][0], model_view(model, x)
-        parts.append(f"<h2>image {i}: “{html.escape(cap)}”</h2>")
-        add(alignment_grid_figure(im, word_patch_alignment(model, x, cap)))
-        add(explanation_figure(im, explain(model, x, cap)))
-        negs = [n["text"] for n in rec.get("negatives", [])] or [n["text"] for n in hard_negatives(cap, per_kind=1)]
-        add(caption_comparison_figure({"model": im}, {"model": caption_scores(model, x, [cap] + negs[:5])}),
-            "the record's own caption first; the others are hard negatives")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em} table.metrics td{padding:2px 10px;"
-             "border-bottom:1px solid #ddd} p.cap{color:#555;font-size:90%}")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>vlwb report {html.escape(run_dir.name)}</title>"
-            f"<style>{style}</style></head><body>{''.join(head)}{''.join(parts)}</body></html>")
-    out = Path(out) if out else run_dir / "report.html"
-    atomic_write(out, page)
-    return out

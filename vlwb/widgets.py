@@ -12,31 +12,16 @@ from typing import Optional
 import ipywidgets as W
 from IPython.display import display
 
-from .data import BadSample, IMAGE_EXTENSIONS, load_records
+from .images import BadSample
+from .records import image_entries
 from .models import VLModel
 from .text import hard_negatives
-from . import viz
+from . import interpret, viz
 
 # %% auto #0
-__all__ = ['image_entries', 'default_sources', 'figure_output', 'Explorer']
+__all__ = ['default_sources', 'figure_output', 'Explorer']
 
 # %% ../nbs/09_widgets.ipynb #09-006
-def image_entries(source) -> list[dict]:
-    "Entries `{label, image, caption, negatives}` of a record file (JSONL/CSV/TSV) or a folder of images."
-    source = Path(source)
-    if not source.exists(): raise FileNotFoundError(f"{source} does not exist")
-    if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files: raise ValueError(f"{source} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        cap = lambda p: p.with_suffix(".txt").read_text(errors="replace").strip().split("\n")[0] if p.with_suffix(".txt").exists() else ""
-        return [{"label": p.name, "image": str(p), "caption": cap(p), "negatives": []} for p in files]
-    recs, _ = load_records(source, on_skip=lambda *a: None)
-    if not recs: raise ValueError(f"{source} has no readable records")
-    root = source.parent
-    ref = lambda r: r["image"] if str(r["image"]).startswith("skimage:") or Path(r["image"]).is_absolute() else str(root / r["image"])
-    return [{"label": f"{i}: {r['captions'][0][:50]}", "image": ref(r), "caption": r["captions"][0],
-             "negatives": [n["text"] for n in r.get("negatives", [])]} for i, r in enumerate(recs)]
-
 def default_sources() -> dict[str, str]:
     "Sources found on this machine: vlwb's real photo samples (in a source checkout) and any shapes world test splits under runs/."
     out = {}
@@ -135,7 +120,7 @@ class Explorer:
         "Add uploaded image files (ipywidgets' FileUpload value) to the picker; files that are not images are reported, not added."
         for f in files:
             data = bytes(f["content"])
-            try: viz.as_image(data)
+            try: interpret.as_image(data)
             except BadSample as e:
                 self._say(f"{f['name']}: not a usable image ({e})", error=True); continue
             key = "upload:" + hashlib.sha1(data).hexdigest()[:12]
@@ -186,8 +171,8 @@ class Explorer:
     def _cached(self, kind, name, *key):
         k = (kind, name, self._key(self.entry), *key)
         if k not in self.cache:
-            fn = {"x": viz.prepare, "view": lambda m, x: viz.model_view(m, x), "align": viz.word_patch_alignment,
-                  "explain": viz.explain, "scores": viz.caption_scores}[kind]
+            fn = {"x": interpret.prepare, "view": lambda m, x: viz.model_view(m, x), "align": interpret.word_patch_alignment,
+                  "explain": interpret.explain, "scores": viz.caption_scores}[kind]
             m = self.models[name]
             self.cache[k] = fn(m, self.entry["image"]) if kind == "x" else fn(m, self._cached("x", name), *key)
         return self.cache[k]

@@ -15,7 +15,7 @@ import torch
 
 from vlwb.models import create_model
 from vlwb.shapes import generate_shapes_world
-from vlwb.data import read_records
+from vlwb.records import read_records
 
 
 def main(n=60):

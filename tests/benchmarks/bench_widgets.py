@@ -16,7 +16,7 @@ from vlwb.models import create_model
 from vlwb.shapes import generate_shapes_world
 from vlwb.text import hard_negatives
 from vlwb.widgets import Explorer
-from vlwb import viz
+from vlwb import interpret
 
 
 def main(n=20):
@@ -42,8 +42,8 @@ def main(n=20):
             gen = "\n".join(n["text"] for n in hard_negatives(ex.w_caption.value, per_kind=1))
             others = gen if ex.w_others.value != gen else "\n".join(ex.entry["negatives"][:2]) # a change, so a redraw
             timed("caption comparison", lambda: setattr(ex.w_others, "value", others), "compare")
-            x, cap = viz.prepare(tiny, ex.entry["image"]), ex.w_caption.value
-            t0 = time.perf_counter(); viz.word_patch_alignment(tiny, x, cap); viz.explain(tiny, x, cap)
+            x, cap = interpret.prepare(tiny, ex.entry["image"]), ex.w_caption.value
+            t0 = time.perf_counter(); interpret.word_patch_alignment(tiny, x, cap); interpret.explain(tiny, x, cap)
             peer.append((time.perf_counter() - t0) * 1000)
     p = lambda v, q: statistics.quantiles(v, n=20)[18] if q == 95 else statistics.median(v)
     print(f"Explorer updates, builtin:tiny, {n} images, {torch.get_num_threads()} threads (wall time of the widget change, figure built and sent)")
