@@ -7,7 +7,7 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "vlwb"
 # bottom to top: a module may import only modules to its left
 LAYERS = ["core", "text", "images", "records", "shards", "data", "shapes", "vlmodel", "builtin", "openclip", "hf", "models", "losses",
-          "train", "eval", "interpret", "viz", "report", "widgets", "demo", "study", "recipes", "cli"]
+          "train", "eval", "interpret", "viz", "report", "widgets", "demo", "study", "bench", "recipes", "cli"]
 RANK = {m: i for i, m in enumerate(LAYERS)}
 
 

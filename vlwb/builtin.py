@@ -22,6 +22,11 @@ from .vlmodel import BACKENDS, VLModel
 __all__ = ['BUILTIN_SIZES', 'Attention', 'Block', 'Transformer', 'patch_stem', 'BuiltinConfig', 'BuiltinCLIP']
 
 # %% ../nbs/04b_builtin.ipynb #04-007
+def _cpu_bf16(x: torch.Tensor) -> bool:
+    "Is this CPU work in bf16 (the tensor's dtype, or autocast's)? The fused attention's backward is slow there."
+    if x.device.type != "cpu": return False
+    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
 class Attention(nn.Module):
     "Multi-head self-attention that can return its probabilities."
     def __init__(self, dim: int, heads: int):
@@ -36,11 +41,11 @@ class Attention(nn.Module):
                 need_weights: bool = False, # also return the attention probabilities `[B,heads,N,N]`
                ):
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        if need_weights:
+        if need_weights or _cpu_bf16(x):
             s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
             if allow is not None: s = s.masked_fill(~allow, float("-inf"))
             p = s.softmax(-1)
-            o = p @ v
+            o = p.to(v.dtype) @ v
         else:
             o, p = F.scaled_dot_product_attention(q, k, v, attn_mask=allow), None
         return self.proj(rearrange(o, "b h n d -> b n (h d)")), p

@@ -75,6 +75,10 @@ def main(argv=None):
     st.add_argument("--runs", default="runs/studies", help="where run folders go (checkpoints: large)")
     st.add_argument("--results", default="studies", help="where the tidy tables go (small: commit them)")
     st.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b = sub.add_parser("bench", help="every speed and memory figure beside its peer, as ratios measured in one run")
+    b.add_argument("--quick", action="store_true", help="small sizes and few repeats (about a minute)")
+    b.add_argument("--out", default="runs/bench", help="where bench.json, bench.txt and bench.html go (default: runs/bench)")
+    b.add_argument("--device", default="cpu", help="cpu or cuda")
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="count good and skipped records (by reason) of a pair source")
@@ -119,6 +123,11 @@ def main(argv=None):
         s = Study.load(a.spec)
         out = run_study(s, a.runs, a.results, a.workers, progress=not a.no_progress)
         print(study_report(s, out))
+    elif a.command == "bench":
+        from vlwb.bench import run_bench, format_bench, write_bench
+        result = run_bench(a.quick, a.device, progress=True)
+        print(format_bench(result))
+        print("wrote " + ", ".join(str(p) for p in write_bench(result, a.out).values()))
     elif a.command == "data":
         import json
         from vlwb.data import check_pairs, format_check

@@ -1,0 +1,31 @@
+"`vlwb bench --quick` as a user runs it: the table, the JSON and the page, every row a ratio against a peer measured in the same run."
+import json
+import os
+import shutil
+import subprocess
+
+
+def test_bench_quick_writes_its_table(tmp_path):
+    exe = shutil.which("vlwb")
+    assert exe, "the vlwb console script is not installed (pip install -e .)"
+    r = subprocess.run([exe, "bench", "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    m = result["machine"]
+    assert m["quick"] and m["matmul_fp32_gflops"] > 0 and m["matmul_bf16_gflops"] > 0
+    figures = {(row["figure"], row["peer_name"]) for row in result["rows"]}
+    assert {("clip loss fwd+bwd", "open_clip ClipLoss"), ("clip loss fwd+bwd", "matmul bound (fp32)"),
+            ("filip fwd+bwd peak memory", "all-pairs einsum"), ("filip fwd+bwd time", "all-pairs einsum"),
+            ("train step builtin:micro fp32", "fastest matmul rate"), ("train step builtin:micro bf16", "fastest matmul rate"),
+            ("attention capture (builtin image tower)", "plain forward"), ("loader samples/s", "training step consumption")} <= figures
+    for row in result["rows"]:
+        assert set(row) >= {"figure", "vlwb", "peer", "ratio", "unit", "peer_name", "target"}
+        assert row["vlwb"] > 0 and row["peer"] > 0 and abs(row["ratio"] - row["vlwb"] / row["peer"]) < 1e-9 * row["ratio"]
+    scaling = result["scaling"]
+    assert {(p["kind"], p["batch"]) for p in scaling} == {("clip", 64), ("clip", 256), ("filip", 64), ("filip", 256)}
+    assert all(p["seconds"] > 0 and p["peak_mb"] >= 0 for p in scaling)
+    assert "clip loss fwd+bwd" in r.stdout and "ratio" in r.stdout  # the table is printed
+    html = (tmp_path / "bench.html").read_text()
+    assert "plotly" in html and "vlwb bench" in html and "scaling with batch size" in html
+    assert (tmp_path / "bench.txt").read_text().splitlines()[0].startswith("vlwb bench on")
