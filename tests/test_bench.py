@@ -18,7 +18,9 @@ def test_bench_quick_writes_its_table(tmp_path):
     assert {("clip loss fwd+bwd", "open_clip ClipLoss"), ("clip loss fwd+bwd", "matmul bound (fp32)"),
             ("filip fwd+bwd peak memory", "all-pairs einsum"), ("filip fwd+bwd time", "all-pairs einsum"),
             ("train step builtin:micro fp32", "fastest matmul rate"), ("train step builtin:micro bf16", "fastest matmul rate"),
-            ("attention capture (builtin image tower)", "plain forward"), ("loader samples/s", "training step consumption")} <= figures
+            ("attention capture (builtin:micro)", "plain forward"), ("attention capture (open_clip:ViT-B-32)", "plain forward"),
+            ("attention capture (hf: CLIP, 4 layers, 96 px)", "plain forward"), ("siglip objective fwd+bwd", "open_clip SigLipLoss"),
+            ("loader samples/s", "training step consumption")} <= figures
     for row in result["rows"]:
         assert set(row) >= {"figure", "vlwb", "peer", "ratio", "unit", "peer_name", "target"}
         assert row["vlwb"] > 0 and row["peer"] > 0 and abs(row["ratio"] - row["vlwb"] / row["peer"]) < 1e-9 * row["ratio"]

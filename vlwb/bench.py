@@ -15,8 +15,9 @@ import plotly.graph_objects as go
 from .core import PairBatch, atomic_write, write_json
 
 # %% auto #0
-__all__ = ['matmul_rate', 'row', 'bench_train_step', 'bench_clip_loss', 'bench_filip', 'bench_attention', 'bench_loader',
-           'bench_scaling', 'scaling_figure', 'run_bench', 'met', 'format_bench', 'bench_figure', 'write_bench']
+__all__ = ['matmul_rate', 'row', 'bench_train_step', 'bench_clip_loss', 'bench_filip', 'bench_attention', 'attention_models',
+           'bench_siglip_loss', 'bench_loader', 'bench_scaling', 'scaling_figure', 'run_bench', 'met', 'format_bench',
+           'bench_figure', 'write_bench']
 
 # %% ../nbs/14_bench.ipynb #14-006
 def _median_seconds(fn, reps: int = 5, warmup: int = 1) -> float:
@@ -107,13 +108,42 @@ def bench_filip(B: int = 128, I: int = 64, L: int = 32, D: int = 256) -> dict:
         out[kind] = json.loads(r.stdout.strip().splitlines()[-1])
     return out
 
-def bench_attention(size: str = "tiny", batch: int = 64, reps: int = 5) -> tuple[float, float]:
-    "Seconds of a builtin image forward with attention captured, and without."
-    from vlwb.models import create_model
-    model = create_model(f"builtin:{size}").eval()
+def bench_attention(model, batch: int = 64, reps: int = 5) -> tuple[float, float]:
+    "Seconds of an image forward of `model` (any backend) with attention captured, and without."
+    model = model.eval()
     x = torch.randn(batch, 3, model.image_size, model.image_size)
     with torch.no_grad():
         return _median_seconds(lambda: model.encode_image(x, attn=True), reps), _median_seconds(lambda: model.encode_image(x), reps)
+
+def attention_models(quick: bool) -> dict:
+    "One model per backend for the attention row: builtin, an untrained open_clip ViT-B-32, a small transformers CLIP."
+    from transformers import CLIPConfig
+    from vlwb.models import create_model
+    torch.manual_seed(0)
+    hf = CLIPConfig(text_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+                    vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                                       image_size=96, patch_size=8), projection_dim=256).to_dict()
+    return {"builtin:" + ("micro" if quick else "tiny"): create_model("builtin:" + ("micro" if quick else "tiny")),
+            "open_clip:ViT-B-32": create_model("open_clip:ViT-B-32"), "hf: CLIP, 4 layers, 96 px": create_model({"backend": "hf", "config": hf})}
+
+def bench_siglip_loss(B: int = 1024, D: int = 512, reps: int = 5) -> tuple[float, float]:
+    "Seconds of the `siglip` objective (through `Objectives`, as training runs it) forward + backward, and of open_clip's `SigLipLoss`."
+    from open_clip.loss import SigLipLoss
+    from vlwb.core import ImageEnc, TextEnc
+    from vlwb.losses import Objectives
+    g = torch.Generator().manual_seed(0)
+    u0, v0 = F.normalize(torch.randn(B, D, generator=g), dim=-1), F.normalize(torch.randn(B, D, generator=g), dim=-1)
+    obj, ref, scale = Objectives({"siglip": 1.0}), SigLipLoss(), torch.tensor(10.0)
+    batch = PairBatch(images=torch.zeros(B, 3, 1, 1), text_ids=torch.zeros(B, 1, dtype=torch.long), text_mask=torch.ones(B, 1, dtype=torch.bool),
+                      text_image=torch.arange(B), text_kind=torch.zeros(B, dtype=torch.long))
+    def ours():
+        u, v = u0.clone().requires_grad_(), v0.clone().requires_grad_()
+        obj(ImageEnc(u, u[:, None], (1, 1)), TextEnc(v, v[:, None], batch.text_mask), batch, scale)["loss"].backward()
+    bias = torch.tensor(-10.0, requires_grad=True)
+    def theirs():
+        u, v = u0.clone().requires_grad_(), v0.clone().requires_grad_()
+        ref(u, v, scale, bias).backward()
+    return _median_seconds(ours, reps), _median_seconds(theirs, reps)
 
 # %% ../nbs/14_bench.ipynb #14-007b
 def bench_loader(size: str = "tiny", batch: int = 64, n_images: int = 512, batches: int = 6) -> tuple[float, float]:
@@ -205,13 +235,18 @@ def run_bench(quick: bool = False, # smaller sizes and fewer repeats: a minute, 
     ours, ref, flops = bench_clip_loss(256 if quick else 1024, 128 if quick else 512, reps=3 if quick else 5)
     rows.append(row("clip loss fwd+bwd", ours, ref, "s", "open_clip ClipLoss", "<= 0.5"))
     rows.append(row("clip loss fwd+bwd", ours, flops / (fp32 * 1e9), "s", "matmul bound (fp32)", "<= 2"))
+    say("siglip loss ...")
+    ours, ref = bench_siglip_loss(256 if quick else 1024, 128 if quick else 512, reps=3 if quick else 5)
+    rows.append(row("siglip objective fwd+bwd", ours, ref, "s", "open_clip SigLipLoss", "<= 1"))
     say("filip ...")
     f = bench_filip(*((32, 16, 16, 64) if quick else (128, 64, 32, 256)))
     rows.append(row("filip fwd+bwd peak memory", f["chunked"]["peak_mb"], f["naive"]["peak_mb"], "MB", "all-pairs einsum", "<= 0.125"))
     rows.append(row("filip fwd+bwd time", f["chunked"]["seconds"], f["naive"]["seconds"], "s", "all-pairs einsum", "<= 1"))
     say("attention capture ...")
-    with_attn, plain = bench_attention("micro" if quick else "tiny", 16 if quick else 64, 3 if quick else 5)
-    rows.append(row("attention capture (builtin image tower)", with_attn, plain, "s", "plain forward", "<= 1.3"))
+    for name, model in attention_models(quick).items():
+        small = not name.startswith("builtin")
+        with_attn, plain = bench_attention(model, (2 if quick else 8) if small else (16 if quick else 64), 2 if quick else 5)
+        rows.append(row(f"attention capture ({name})", with_attn, plain, "s", "plain forward", "<= 1.3"))
     say("loader ...")
     loader, consumed = bench_loader("micro" if quick else "tiny", 32 if quick else 64, 128 if quick else 512, 3 if quick else 6)
     rows.append(row("loader samples/s", loader, consumed, "samples/s", "training step consumption", ">= 1"))
