@@ -15,9 +15,9 @@ import plotly.graph_objects as go
 from .core import PairBatch, atomic_write, write_json
 
 # %% auto #0
-__all__ = ['matmul_rate', 'row', 'bench_train_step', 'bench_clip_loss', 'bench_filip', 'bench_attention', 'attention_models',
-           'bench_siglip_loss', 'bench_loader', 'bench_scaling', 'scaling_figure', 'run_bench', 'met', 'format_bench',
-           'bench_figure', 'write_bench']
+__all__ = ['matmul_rate', 'row', 'bench_train_step', 'bench_clip_loss', 'peak_rise', 'bench_filip', 'bench_attention',
+           'attention_models', 'bench_siglip_loss', 'bench_loader', 'bench_scaling', 'scaling_figure', 'run_bench',
+           'met', 'format_bench', 'bench_figure', 'write_bench']
 
 # %% ../nbs/14_bench.ipynb #14-006
 def _median_seconds(fn, reps: int = 5, warmup: int = 1) -> float:
@@ -75,27 +75,32 @@ def bench_clip_loss(B: int = 1024, D: int = 512, reps: int = 5) -> tuple[float, 
         return go
     return _median_seconds(run(clip_loss), reps), _median_seconds(run(ref), reps), 3 * 2 * B * B * D
 
-def _filip_child(kind: str, B: int, I: int, L: int, D: int) -> dict:
-    "In a fresh process: the resident-memory rise and the time of one `filip` forward + backward (chunked or all-pairs)."
+def peak_rise(fn) -> tuple[float, float]:
+    "Run `fn()` once: the rise of this process's resident memory above its level before (MB, sampled every 0.2 ms) and the seconds."
     import threading
-    from vlwb.losses import filip_similarity, filip_similarity_naive
-    g = torch.Generator().manual_seed(0)
-    x = F.normalize(torch.randn(B, I, D, generator=g), dim=-1).requires_grad_()
-    y = F.normalize(torch.randn(B, L, D, generator=g), dim=-1).requires_grad_()
-    mask = torch.arange(L)[None] < torch.randint(4, L + 1, (B, 1), generator=g)
-    f = filip_similarity if kind == "chunked" else filip_similarity_naive
     page = os.sysconf("SC_PAGE_SIZE")
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
     samples, stop = [], threading.Event()
     def watch():
         while not stop.is_set(): samples.append(rss()); time.sleep(0.0002)
     base = rss(); th = threading.Thread(target=watch); th.start()
-    s_i, s_t = f(x, y, mask); (s_i.sum() + s_t.sum()).backward()
+    t = time.perf_counter(); fn(); seconds = time.perf_counter() - t
     stop.set(); th.join()
-    def again():
+    return (max(samples + [base]) - base) / 2 ** 20, seconds
+
+def _filip_child(kind: str, B: int, I: int, L: int, D: int) -> dict:
+    "In a fresh process: the resident-memory rise and the time of one `filip` forward + backward (chunked or all-pairs)."
+    from vlwb.losses import filip_similarity, filip_similarity_naive
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(B, I, D, generator=g), dim=-1).requires_grad_()
+    y = F.normalize(torch.randn(B, L, D, generator=g), dim=-1).requires_grad_()
+    mask = torch.arange(L)[None] < torch.randint(4, L + 1, (B, 1), generator=g)
+    f = filip_similarity if kind == "chunked" else filip_similarity_naive
+    def once():
         x.grad = y.grad = None
         a, b = f(x, y, mask); (a.sum() + b.sum()).backward()
-    return {"peak_mb": (max(samples) - base) / 2 ** 20, "seconds": _median_seconds(again, 3, warmup=0)}
+    peak, _ = peak_rise(once)
+    return {"peak_mb": peak, "seconds": _median_seconds(once, 3, warmup=0)}
 
 def bench_filip(B: int = 128, I: int = 64, L: int = 32, D: int = 256) -> dict:
     "Chunked `filip` against the all-pairs einsum, each in a fresh process (so peak memory is its own)."
@@ -163,7 +168,6 @@ def bench_loader(size: str = "tiny", batch: int = 64, n_images: int = 512, batch
 
 def _scaling_child(kind: str, B: int) -> dict:
     "In a fresh process: the memory rise and time of one forward + backward of `clip` or chunked `filip` at batch `B`."
-    import threading
     from vlwb.losses import clip_loss, filip_similarity
     g = torch.Generator().manual_seed(0)
     if kind == "clip":
@@ -174,15 +178,8 @@ def _scaling_child(kind: str, B: int) -> dict:
         y = F.normalize(torch.randn(B, 16, 64, generator=g), dim=-1).requires_grad_()
         mask = torch.ones(B, 16, dtype=torch.bool)
         f = lambda: sum(s.sum() for s in filip_similarity(x, y, mask))
-    page = os.sysconf("SC_PAGE_SIZE")
-    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
-    samples, stop = [], threading.Event()
-    def watch():
-        while not stop.is_set(): samples.append(rss()); time.sleep(0.0002)
-    base = rss(); th = threading.Thread(target=watch); th.start()
-    t = time.perf_counter(); f().backward(); seconds = time.perf_counter() - t
-    stop.set(); th.join()
-    return {"kind": kind, "batch": B, "peak_mb": (max(samples) - base) / 2 ** 20, "seconds": seconds}
+    peak, seconds = peak_rise(lambda: f().backward())
+    return {"kind": kind, "batch": B, "peak_mb": peak, "seconds": seconds}
 
 def bench_scaling(batches=(64, 128, 256, 512, 1024, 2048)) -> list[dict]:
     "Time and peak memory of `clip` (D 512) and chunked `filip` (16 patches, 16 words, D 64) against batch size."
