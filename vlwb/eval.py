@@ -21,9 +21,9 @@ from .losses import filip_similarity
 
 # %% auto #0
 __all__ = ['SHAPE_TEMPLATES', 'COLOR_TEMPLATES', 'TASKS', 'zeroshot_classifier', 'topk_accuracy', 'retrieval_recall',
-           'encode_dataset', 'evaluate_shapes', 'zeroshot_metrics', 'retrieval_metrics', 'order_perturbations',
-           'text_scores', 'compositional_probes', 'winoground_scores', 'winoground_shapes', 'winoground_probe',
-           'patch_hits', 'word_token_index', 'pointing_game', 'embedding_geometry', 'encode_texts',
+           'encode_dataset', 'zeroshot_targets', 'evaluate_shapes', 'zeroshot_metrics', 'retrieval_metrics',
+           'order_perturbations', 'text_scores', 'compositional_probes', 'winoground_scores', 'winoground_shapes',
+           'winoground_probe', 'patch_hits', 'word_token_index', 'pointing_game', 'embedding_geometry', 'encode_texts',
            'long_caption_metrics', 'tokenwise_metrics', 'evaluate', 'write_results', 'EvalCallback']
 
 # %% ../nbs/07_eval.ipynb #07-005
@@ -72,16 +72,21 @@ def encode_dataset(model: VLModel, ds: ImageCaptionDataset, batch_size: int = 25
 SHAPE_TEMPLATES = ("a {}",) + tuple(f"a {c} {{}}" for c in COLORS) + ("a small {}", "a large {}")
 COLOR_TEMPLATES = tuple(f"a {{}} {s}" for s in SHAPES)
 
+def zeroshot_targets(ds: ImageCaptionDataset) -> tuple[list[int], list[tuple]]:
+    "The single-object records of `ds`, and per attribute `(attr, class names, templates, labels [n])` for zero-shot classification."
+    single = [i for i, r in enumerate(ds.records) if len(r.get("objects", [])) == 1]
+    return single, [(attr, names, templates, torch.tensor([names.index(ds.records[i]["objects"][0][attr]) for i in single]))
+                    for attr, names, templates in (("shape", SHAPES, SHAPE_TEMPLATES), ("color", list(COLORS), COLOR_TEMPLATES))]
+
 def evaluate_shapes(model: VLModel, path, # a shapes world split (JSONL written by `generate_shapes_world`)
                     batch_size: int = 256, progress: bool = True) -> dict:
     "Zero-shot shape and colour top-1 (single-object images) with chance levels, and retrieval R@1/R@5 on `path`."
     ds = ImageCaptionDataset(path, model.preprocess, skip_bad=False)
     img, txt = encode_dataset(model, ds, batch_size, progress)
-    single = [i for i, r in enumerate(ds.records) if len(r.get("objects", [])) == 1]
+    single, targets = zeroshot_targets(ds)
     if not single: raise ValueError(f"{path} has no single-object records (with an 'objects' list) for zero-shot evaluation")
     out = {"n_images": len(ds), "n_zeroshot_images": len(single)}
-    for attr, names, templates in (("shape", SHAPES, SHAPE_TEMPLATES), ("color", list(COLORS), COLOR_TEMPLATES)):
-        labels = torch.tensor([names.index(ds.records[i]["objects"][0][attr]) for i in single])
+    for attr, names, templates, labels in targets:
         logits = img[single] @ zeroshot_classifier(model, names, templates).T
         out[f"zeroshot_{attr}_top1"] = topk_accuracy(logits, labels)
         out[f"zeroshot_{attr}_chance"] = 1 / len(names)
@@ -344,13 +349,11 @@ def tokenwise_metrics(model: VLModel, ds: ImageCaptionDataset, ks: Sequence[int]
     for k in ks:
         out[f"tokenwise_text_retrieval_recall@{k}"] = retrieval_recall(s_i, ti, k)[f"i2t_r{k}"]
         out[f"tokenwise_image_retrieval_recall@{k}"] = retrieval_recall(s_t, ti, k)[f"t2i_r{k}"]
-    single = [i for i, r in enumerate(ds.records) if len(r.get("objects", [])) == 1]
-    for attr, names, templates in (("shape", SHAPES, SHAPE_TEMPLATES), ("color", list(COLORS), COLOR_TEMPLATES)):
-        if not single: break
+    single, targets = zeroshot_targets(ds)
+    for attr, names, templates, labels in (targets if single else []):
         prompts = [fix_articles(t.format(c)) for c in names for t in templates]
         _, ptok, pwords = encode_texts(model, prompts, tokens=True)
         logits = filip_similarity(patches[single], ptok, pwords, directions=("image",))[0].reshape(len(single), len(names), -1).mean(-1)
-        labels = torch.tensor([names.index(ds.records[i]["objects"][0][attr]) for i in single])
         out.update({f"tokenwise_zeroshot_{attr}_{k}": v for k, v in zeroshot_metrics(logits, labels).items()})
     return out
 
@@ -376,10 +379,9 @@ def evaluate(model: VLModel, path, # a split with captions (shapes world splits 
         if "geometry" in tasks: out.update(embedding_geometry(img, txt))
         if "long" in tasks: out.update(long_caption_metrics(model, ds, img))
         if "tokenwise" in tasks: out.update(tokenwise_metrics(model, ds, progress=progress))
-        single = [i for i, r in enumerate(ds.records) if len(r.get("objects", [])) == 1]
+        single, targets = zeroshot_targets(ds)
         if "zeroshot" in tasks and single:
-            for attr, names, templates in (("shape", SHAPES, SHAPE_TEMPLATES), ("color", list(COLORS), COLOR_TEMPLATES)):
-                labels = torch.tensor([names.index(ds.records[i]["objects"][0][attr]) for i in single])
+            for attr, names, templates, labels in targets:
                 logits = img[single] @ zeroshot_classifier(model, names, templates).T
                 out.update({f"zeroshot_{attr}_{k}": v for k, v in zeroshot_metrics(logits, labels).items()})
     if "compositional" in tasks: out.update(compositional_probes(model, path, progress=progress))
