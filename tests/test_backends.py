@@ -38,7 +38,8 @@ def test_open_clip_attention_is_the_one_applied(open_clip_tiny):
     h1 = blk.register_forward_hook(lambda mod, i, o: seen.__setitem__("out", o))
     h2 = blk.register_forward_pre_hook(lambda mod, i: seen.__setitem__("inp", i[0]))
     with torch.no_grad(): enc = m.encode_image(x, attn=True)
-    h1.remove(); h2.remove()
+    h1.remove()
+    h2.remove()
     p, xin = enc.attn[0], seen["inp"]
     mha = blk.attn
     _, _, val = F.linear(blk.ln_1(xin), mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1)
@@ -54,7 +55,8 @@ def test_hf_matches_the_library(kind):
     torch.manual_seed(0)
     m = create_model({"backend": "hf", "config": _hf_config(kind)}).eval()
     x = torch.randn(2, 3, 32, 32)
-    ids = torch.randint(1, 900, (2, 16)); mask = torch.ones(2, 16, dtype=torch.bool)
+    ids = torch.randint(1, 900, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.bool)
     with torch.no_grad():
         enc, te = m.encode_image(x, attn=True), m.encode_text(ids, mask, attn=True)
         assert torch.allclose(enc.embed, F.normalize(_pooled(m.net.get_image_features(pixel_values=x)), dim=-1), atol=1e-5)
@@ -97,12 +99,16 @@ def test_objectives_train_every_backend(open_clip_tiny):
     for m in (open_clip_tiny, create_model({"backend": "hf", "config": _hf_config("siglip")})):
         m.train()
         obj = Objectives({"clip": 1.0, "filip": 1.0})
-        ids = torch.randint(1, 900, (4, 16)); mask = torch.ones(4, 16, dtype=torch.bool)
+        ids = torch.randint(1, 900, (4, 16))
+        mask = torch.ones(4, 16, dtype=torch.bool)
         b = PairBatch(images=torch.randn(4, 3, 32, 32), text_ids=ids, text_mask=mask, text_image=torch.arange(4),
                       text_kind=torch.full((4,), int(TextKind.caption)))
         opt = torch.optim.SGD(m.parameters(), lr=0.5)
         losses = []
         for _ in range(2):
             out = obj(m.encode_image(b.images), m.encode_text(b.text_ids, b.text_mask), b, m.scale)
-            opt.zero_grad(); out["loss"].backward(); opt.step(); losses.append(out["loss"].item())
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+            losses.append(out["loss"].item())
         assert losses[1] < losses[0]

@@ -85,7 +85,8 @@ def test_report_renders_in_chromium(filip_model, tmp_path):
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_jupyterlab_runs_the_widgets(filip_model, tmp_path):
@@ -124,7 +125,8 @@ def test_jupyterlab_runs_the_widgets(filip_model, tmp_path):
                   if "Error" in e.text]
     finally:
         if driver: driver.quit()
-        lab.terminate(); lab.wait(20)
+        lab.terminate()
+        lab.wait(20)
     print(f"JupyterLab screenshot: {png}; pixel variance per explorer plot: {[round(v) for v in var]}")
     assert not errors, errors
     assert var and max(var) > 300

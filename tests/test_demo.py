@@ -27,7 +27,8 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _ignore_sigint():
@@ -59,7 +60,8 @@ def stop(proc, sig=signal.SIGINT) -> int:
     proc.send_signal(sig)
     try: return proc.wait(10)
     except subprocess.TimeoutExpired:
-        proc.kill(); raise
+        proc.kill()
+        raise
 
 
 @pytest.fixture(scope="module")
@@ -136,13 +138,16 @@ def test_fifty_concurrent_requests(demo):
 def test_bad_input_gets_a_message(demo, tmp_path):
     c, url, test, model, _, _ = demo
     path, rec = _single(test)[0]
-    garbage = tmp_path / "notes.png"; garbage.write_bytes(b"this is a text file, not a PNG")
+    garbage = tmp_path / "notes.png"
+    garbage.write_bytes(b"this is a text file, not a PNG")
     label, note = c.predict(handle_file(str(garbage)), "red, blue", "a {}", model, api_name="/zeroshot")
     assert not label and note.startswith("⚠️") and "notes.png cannot be used" in note
-    truncated = tmp_path / "cut.png"; truncated.write_bytes(Path(path).read_bytes()[:200])
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(Path(path).read_bytes()[:200])
     _, note = c.predict(handle_file(str(truncated)), "red", "a {}", model, api_name="/zeroshot")
     assert note.startswith("⚠️") and "cut.png" in note
-    big = tmp_path / "big.png"; Image.fromarray(np.full((3000, 4000, 3), 200, np.uint8)).save(big)
+    big = tmp_path / "big.png"
+    Image.fromarray(np.full((3000, 4000, 3), 200, np.uint8)).save(big)
     label, note = c.predict(handle_file(str(big)), "red, blue", "a {}", model, api_name="/zeroshot")
     assert label["label"] in ("red", "blue") and "downscaled to 1024x768" in note
     _, note = c.predict(handle_file(path), " ,\n, ", "a {}", model, api_name="/zeroshot")

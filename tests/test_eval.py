@@ -38,7 +38,8 @@ def test_retrieval_metrics_agree_with_clip_benchmark():
     txt = F.normalize(txt + 0.8 * img[text_image], dim=-1) # related, imperfectly
     ours = retrieval_metrics(img, txt, text_image)
     scores = txt @ img.T # CLIP_benchmark: texts x images
-    positive = torch.zeros_like(scores, dtype=torch.bool); positive[torch.arange(120), text_image] = True
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(120), text_image] = True
     for k in (1, 5, 10):
         ref_t2i = (recall_at_k(scores, positive, k) > 0).float().mean().item()
         ref_i2t = (recall_at_k(scores.T, positive.T, k) > 0).float().mean().item()
@@ -101,7 +102,8 @@ def test_pointing_game_scores_an_oracle_perfectly_and_a_blind_model_like_its_bas
     def getitem(self, i):
         item = orig(self, i)
         for m in (oracle, blind):
-            m.current = item["masks"]; m.names = [(o["color"], o["shape"]) for o in self.records[i]["objects"]]
+            m.current = item["masks"]
+            m.names = [(o["color"], o["shape"]) for o in self.records[i]["objects"]]
         return item
     monkeypatch.setattr(ImageCaptionDataset, "__getitem__", getitem)
     good = pointing_game(oracle, world["test"], progress=False)
@@ -121,7 +123,8 @@ class BagOfWords(VLModel):
         self.logit_scale = torch.nn.Parameter(torch.tensor(1.0))
         self.tokenizer, self.preprocess = Tokenizer(32), Preprocess(64)
     def encode_image(self, images, attn=False):
-        e = torch.zeros(len(images), 8); e[:, 0] = 1
+        e = torch.zeros(len(images), 8)
+        e[:, 0] = 1
         return ImageEnc(embed=e, tokens=torch.zeros(len(images), 64, 8), grid=(8, 8))
     def encode_text(self, texts, mask=None, attn=False):
         ids, mask = self._ids(texts, mask)

@@ -19,7 +19,8 @@ def _counting(model):
 
 def test_neighbour_table_is_cached_and_invalidated(tmp_path, world):
     import shutil
-    d = tmp_path / "w"; shutil.copytree(world["train"].parent, d)
+    d = tmp_path / "w"
+    shutil.copytree(world["train"].parent, d)
     ds = ImageCaptionDataset(d / "train.jsonl", masks=False)
     torch.manual_seed(0)
     m = create_model("builtin:micro")
@@ -29,7 +30,8 @@ def test_neighbour_table_is_cached_and_invalidated(tmp_path, world):
     assert not (t1 == torch.arange(len(ds))[:, None]).any()
     # exact: the table is the top-3 cosine neighbours of the model's own embeddings
     E = torch.cat([m.encode_image(torch.stack([ds[i]["image"] for i in range(len(ds))])).embed]).detach()
-    sim = E @ E.T; sim.fill_diagonal_(-2)
+    sim = E @ E.T
+    sim.fill_diagonal_(-2)
     assert torch.equal(t1, sim.topk(3, dim=1).indices)
     calls.clear()
     assert torch.equal(image_neighbours(m, ds, k=3, progress=False), t1) and calls == [] # the cache, not the model
@@ -37,7 +39,8 @@ def test_neighbour_table_is_cached_and_invalidated(tmp_path, world):
     image_neighbours(m, ds, k=3, progress=False)
     assert sum(calls) == len(ds)
     calls.clear()
-    img = ds.image_path(0); st = img.stat()
+    img = ds.image_path(0)
+    st = img.stat()
     before = dataset_fingerprint(ds)
     os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000)) # an image changed on disk: recomputed
     assert dataset_fingerprint(ds) != before

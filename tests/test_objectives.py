@@ -181,7 +181,8 @@ def test_non_finite_loss_names_the_objective():
     u = _unit(2, 8, seed=1)
     b = PairBatch(images=torch.zeros(2, 3, 4, 4), text_ids=torch.ones(2, 3, dtype=torch.long),
                   text_mask=torch.ones(2, 3, dtype=torch.bool), text_image=torch.arange(2), text_kind=torch.zeros(2, dtype=torch.long))
-    nan = u.clone(); nan[0, 0] = float("nan")
+    nan = u.clone()
+    nan[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="objective 'siglip'"):
         Objectives({"siglip": 1.0})(ImageEnc(nan, nan[:, None], (1, 1)), TextEnc(u, u[:, None], torch.ones(2, 1, dtype=torch.bool)), b, torch.tensor(5.))
 
@@ -194,7 +195,9 @@ def test_tcl_terms_reward_matching_views_and_own_tokens():
         c = _contrast(u, cap, torch.arange(B), torch.zeros(B, dtype=torch.long), img_tokens=patches, txt_tokens=words,
                       img_m=ImageEnc(img_m_embed, patches, (4, 4)), txt_m=TextEnc(txt_m_embed, words, torch.ones(B, L, dtype=torch.bool)))
         obj = TclObjective(embed_dim=D, queue_size=4)
-        with torch.no_grad(): obj.image_queue.feats.copy_(-u); obj.text_queue.feats.copy_(-cap) # queues far from everything
+        with torch.no_grad():
+            obj.image_queue.feats.copy_(-u)
+            obj.text_queue.feats.copy_(-cap) # queues far from everything
         return obj(c, torch.tensor(20.))
     same = terms(u, cap, u[:, None].expand(B, I, D), cap[:, None].expand(B, L, D)) # views agree, tokens are their global
     other = terms(u[torch.tensor([1, 2, 3, 0])], cap[torch.tensor([3, 0, 1, 2])], _unit(B, I, D, seed=23), _unit(B, L, D, seed=24))

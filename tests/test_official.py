@@ -118,7 +118,8 @@ def tcl_reference(v, t, vm, tm, iq, tq, img_loc, txt_loc, txt_mask, temp, alpha)
     "TCL's six contrastive terms averaged, as `ALBEF.forward` computes them (queues `[K,D]`, locals of the momentum model)."
     i_all, t_all = torch.cat([vm, iq]).T, torch.cat([tm, tq]).T
     N = len(v)
-    y = torch.zeros(N, N + len(iq)); y.fill_diagonal_(1)
+    y = torch.zeros(N, N + len(iq))
+    y.fill_diagonal_(1)
     with torch.no_grad():
         q_i2t = alpha * F.softmax(vm @ t_all / temp, 1) + (1 - alpha) * y
         q_t2i = alpha * F.softmax(tm @ i_all / temp, 1) + (1 - alpha) * y
@@ -164,7 +165,8 @@ def test_g2l_padding_contributes_nothing():
     full = torch.ones(3, 4, dtype=torch.bool)
     from vlwb.losses import g2l_loss
     assert torch.allclose(g2l_loss(l, m, slice(0, 3), 10.0, full), g2l_reference(l, m, 0.1), atol=1e-6)
-    part = full.clone(); part[0, 2:] = False
+    part = full.clone()
+    part[0, 2:] = False
     assert torch.allclose(g2l_loss(l, m, slice(0, 3), 10.0, part), g2l_reference(l, m, 0.1, part), atol=1e-6)
 
 
@@ -207,7 +209,8 @@ def test_duplicate_captions_change_only_their_own_terms():
     s = 10.0
     logits = s * u @ v.T
     def ce_rows(lg): return -(lg.diag() - lg.logsumexp(1)) # per-row cross-entropy, target the diagonal
-    ex = torch.zeros(N, N, dtype=torch.bool); ex[0, 2] = ex[2, 0] = True
+    ex = torch.zeros(N, N, dtype=torch.bool)
+    ex[0, 2] = ex[2, 0] = True
     i2t_plain, i2t_merged = ce_rows(logits), ce_rows(logits.masked_fill(ex, float("-inf")))
     t2i_plain, t2i_merged = ce_rows(logits.T), ce_rows(logits.T.masked_fill(ex.T, float("-inf")))
     changed = (i2t_plain != i2t_merged) | (t2i_plain != t2i_merged)
@@ -219,7 +222,8 @@ def test_duplicate_captions_change_only_their_own_terms():
 def test_build_merges_identical_token_ids():
     from vlwb.core import PairBatch
     ids = torch.tensor([[1, 5, 2, 0], [1, 6, 2, 0], [1, 5, 2, 0], [1, 5, 2, 9]])
-    mask = ids != 0; mask[3, 3] = False # padding differs but is not read
+    mask = ids != 0
+    mask[3, 3] = False # padding differs but is not read
     b = PairBatch(torch.zeros(4, 3, 4, 4), ids, mask, torch.arange(4), torch.zeros(4, dtype=torch.long))
     u = _unit(4, 8, seed=0)
     c = Contrast.build(ImageEnc(u, u[:, None], (1, 1)), TextEnc(u, u[:, None], mask[:, :1]), b, merge_duplicates=True)

@@ -95,6 +95,7 @@ def test_declared_requirements_are_installed_at_declared_versions():
         for name, r in declared(key).items():
             try: v = version(r.name)
             except PackageNotFoundError:
-                bad.append(f"{r} is not installed"); continue
+                bad.append(f"{r} is not installed")
+                continue
             if not r.specifier.contains(v, prereleases=True): bad.append(f"{r}: {v} is installed")
     assert bad == []

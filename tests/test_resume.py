@@ -41,7 +41,8 @@ def test_killed_mid_epoch_resumes_to_identical_weights(tmp_path, world, preset):
     t0 = time.time()
     while not ckpt.exists() and p.poll() is None and time.time() - t0 < 300: time.sleep(0.01)
     time.sleep(0.2) # let the file be complete (Lightning writes it whole, then it appears)
-    p.send_signal(signal.SIGKILL); p.wait()
+    p.send_signal(signal.SIGKILL)
+    p.wait()
     assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (b / "resume" / "epoch=0-step=12.ckpt").exists()
     r = _train(*base, "--out", str(b), "--ckpt_path", str(ckpt))

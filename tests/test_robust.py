@@ -18,27 +18,40 @@ from vlwb.text import Tokenizer
 
 def _bomb_png(w=40_000, h=40_000) -> bytes:
     "A tiny PNG whose header claims w x h pixels (a decompression bomb as far as the header says)."
-    buf = io.BytesIO(); Image.new("L", (8, 8)).save(buf, "png"); b = bytearray(buf.getvalue())
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, "png")
+    b = bytearray(buf.getvalue())
     ihdr = struct.pack(">II", w, h) + bytes(b[24:29])
-    b[16:29] = ihdr; b[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    b[16:29] = ihdr
+    b[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
     return bytes(b)
 
 
 @pytest.fixture()
 def dirty(tmp_path):
     "A folder holding one image of each unusual kind and one record of each bad kind, with a JSONL listing them."
-    d = tmp_path / "dirty"; d.mkdir()
+    d = tmp_path / "dirty"
+    d.mkdir()
     Image.new("RGB", (20, 10), (200, 30, 40)).save(d / "rgb.png")
     Image.new("L", (10, 10), 77).save(d / "grey.png")
-    rgba = Image.new("RGBA", (10, 10), (0, 0, 255, 255)); rgba.paste((0, 0, 0, 0), (0, 0, 5, 10)); rgba.save(d / "rgba.png")
+    rgba = Image.new("RGBA", (10, 10), (0, 0, 255, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 5, 10))
+    rgba.save(d / "rgba.png")
     Image.new("CMYK", (10, 10), (0, 255, 255, 0)).save(d / "cmyk.jpg", quality=100) # pure red in CMYK
     Image.fromarray(np.full((10, 10), 65535 // 2, np.uint16)).save(d / "sixteen.png")
-    pal = Image.new("P", (10, 10), 1); pal.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762); pal.info["transparency"] = 0
-    pal.paste(0, (0, 0, 10, 5)); pal.save(d / "palette.png", transparency=0)
-    rot = Image.new("RGB", (30, 10), (0, 0, 0)); rot.paste((255, 255, 255), (0, 0, 10, 10)) # white on the left
-    exif = Image.Exif(); exif[0x0112] = 6 # rotate 90 degrees clockwise to display
+    pal = Image.new("P", (10, 10), 1)
+    pal.putpalette([0, 0, 0, 0, 200, 0] + [0] * 762)
+    pal.info["transparency"] = 0
+    pal.paste(0, (0, 0, 10, 5))
+    pal.save(d / "palette.png", transparency=0)
+    rot = Image.new("RGB", (30, 10), (0, 0, 0))
+    rot.paste((255, 255, 255), (0, 0, 10, 10)) # white on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6 # rotate 90 degrees clockwise to display
     rot.save(d / "rotated.jpg", exif=exif, quality=100)
-    good = io.BytesIO(); Image.new("RGB", (64, 64), (9, 9, 9)).save(good, "jpeg"); (d / "truncated.jpg").write_bytes(good.getvalue()[:300])
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(good, "jpeg")
+    (d / "truncated.jpg").write_bytes(good.getvalue()[:300])
     (d / "garbage.png").write_bytes(b"this is not an image at all")
     (d / "bomb.png").write_bytes(_bomb_png())
     lines = [json.dumps({"image": n, "caption": f"image {n}"}) for n in
@@ -60,7 +73,8 @@ def test_unusual_images_are_converted_correctly(dirty):
     px = lambda name, xy=(2, 2): load_image(dirty / name).getpixel(xy)
     assert px("grey.png") == (77, 77, 77)
     assert px("rgba.png", (1, 5)) == (255, 255, 255) and px("rgba.png", (8, 5)) == (0, 0, 255) # transparent -> white
-    r, g, b = px("cmyk.jpg"); assert r > 240 and g < 15 and b < 15
+    r, g, b = px("cmyk.jpg")
+    assert r > 240 and g < 15 and b < 15
     assert px("sixteen.png") == (127, 127, 127) # 16-bit mid grey scaled to 8 bits, not clipped to white
     assert px("palette.png", (5, 2)) == (255, 255, 255) and px("palette.png", (5, 8)) == (0, 200, 0)
     im = load_image(dirty / "rotated.jpg")

@@ -18,7 +18,9 @@ def _write(folder, sizes):
     n = 0
     for k, size in enumerate(sizes):
         with ShardWriter(folder / f"part-{k:03d}.tar") as w:
-            for _ in range(size): w.write(f"s{n:05d}", {"png": png, "txt": f"sample {n}"}); n += 1
+            for _ in range(size):
+                w.write(f"s{n:05d}", {"png": png, "txt": f"sample {n}"})
+                n += 1
     return n
 
 
@@ -68,7 +70,9 @@ def _ddp_worker(rank, world, folder, out):
 
 def test_under_torch_distributed_each_rank_reads_its_own_share(tmp_path):
     import socket
-    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     os.environ["VLWB_TEST_PORT"] = str(port)
     _write(tmp_path / "shards", [9, 9, 9])
     mp.spawn(_ddp_worker, args=(2, tmp_path / "shards", tmp_path), nprocs=2, join=True)

@@ -23,7 +23,8 @@ def _cli(*args, **kw):
 
 
 def test_killed_study_resumes_and_matches_an_uninterrupted_one(tmp_path):
-    spec = tmp_path / "micro.yaml"; spec.write_text(yaml.safe_dump(SPEC))
+    spec = tmp_path / "micro.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
     # uninterrupted, in-process
     ref = run_study(Study.from_dict(SPEC), tmp_path / "ref-runs", tmp_path / "ref-studies", progress=False)
     assert sorted(ref["did"].values()) == ["trained"] * 4
@@ -34,7 +35,8 @@ def test_killed_study_resumes_and_matches_an_uninterrupted_one(tmp_path):
     t0 = time.time()
     while not (first / "resume" / "epoch=0-step=2.ckpt").exists() and p.poll() is None and time.time() - t0 < 300: time.sleep(0.01)
     time.sleep(0.2)
-    os.killpg(p.pid, signal.SIGKILL); p.wait()
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
     assert not (first / "eval.json").exists(), "the first run finished before the study could be killed"
     out = _cli("study", str(spec), "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "studies"), "--no-progress",
                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -80,7 +82,8 @@ def test_paired_differences_pair_runs_by_seed():
 
 
 def test_bad_spec_is_named(tmp_path):
-    p = tmp_path / "bad.yaml"; p.write_text("- just a list\n")
+    p = tmp_path / "bad.yaml"
+    p.write_text("- just a list\n")
     with pytest.raises(ValueError, match="a study is a YAML mapping"): Study.load(p)
 
 

@@ -72,7 +72,8 @@ def test_rollout_rows_are_distributions(backends):
 def test_relevance_is_zero_where_the_gradient_is_zero():
     A = torch.rand(1, 3, 6, 6).softmax(-1)
     assert torch.equal(interpret.chefer_relevance([A, A], [torch.zeros_like(A), None]), torch.zeros(1, 6, 6))
-    g = torch.randn_like(A); g[..., 1:, :] = 0 # gradient only on the first query row
+    g = torch.randn_like(A)
+    g[..., 1:, :] = 0 # gradient only on the first query row
     R = interpret.chefer_relevance([A], [g])
     assert torch.equal(R[0, 1:], torch.zeros(5, 6))
     expected = (g * A).clamp(min=0).mean(1)[0, 0] # positive part, mean over heads

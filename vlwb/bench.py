@@ -16,8 +16,8 @@ from .core import PairBatch, atomic_write, write_json
 
 # %% auto #0
 __all__ = ['matmul_rate', 'row', 'bench_train_step', 'bench_clip_loss', 'peak_rise', 'bench_filip', 'bench_attention',
-           'attention_models', 'bench_siglip_loss', 'bench_loader', 'bench_scaling', 'scaling_figure', 'run_bench',
-           'met', 'format_bench', 'bench_figure', 'write_bench']
+           'attention_models', 'bench_siglip_loss', 'bench_loader', 'bench_write', 'bench_scaling', 'scaling_figure',
+           'run_bench', 'met', 'format_bench', 'bench_figure', 'write_bench']
 
 # %% ../nbs/14_bench.ipynb #14-006
 def _median_seconds(fn, reps: int = 5, warmup: int = 1) -> float:
@@ -25,7 +25,9 @@ def _median_seconds(fn, reps: int = 5, warmup: int = 1) -> float:
     for _ in range(warmup): fn()
     ts = []
     for _ in range(reps):
-        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
     return sorted(ts)[len(ts) // 2]
 
 def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5, device: str = "cpu") -> float:
@@ -57,7 +59,9 @@ def bench_train_step(size: str = "tiny", batch: int = 128, precision: str = "fp3
         with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None):
             img, txt = model.encode_image(batch_.images), model.encode_text(batch_.text_ids, batch_.text_mask)
             loss = obj(img, txt, batch_, model.scale)["loss"]
-        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     with FlopCounterMode(display=False) as fc: step()
     return {"seconds": _median_seconds(step, reps), "flops": fc.get_total_flops()}
 
@@ -82,10 +86,17 @@ def peak_rise(fn) -> tuple[float, float]:
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
     samples, stop = [], threading.Event()
     def watch():
-        while not stop.is_set(): samples.append(rss()); time.sleep(0.0002)
-    base = rss(); th = threading.Thread(target=watch); th.start()
-    t = time.perf_counter(); fn(); seconds = time.perf_counter() - t
-    stop.set(); th.join()
+        while not stop.is_set():
+            samples.append(rss())
+            time.sleep(0.0002)
+    base = rss()
+    th = threading.Thread(target=watch)
+    th.start()
+    t = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t
+    stop.set()
+    th.join()
     return (max(samples + [base]) - base) / 2 ** 20, seconds
 
 def _filip_child(kind: str, B: int, I: int, L: int, D: int) -> dict:
@@ -98,7 +109,8 @@ def _filip_child(kind: str, B: int, I: int, L: int, D: int) -> dict:
     f = filip_similarity if kind == "chunked" else filip_similarity_naive
     def once():
         x.grad = y.grad = None
-        a, b = f(x, y, mask); (a.sum() + b.sum()).backward()
+        a, b = f(x, y, mask)
+        (a.sum() + b.sum()).backward()
     peak, _ = peak_rise(once)
     return {"peak_mb": peak, "seconds": _median_seconds(once, 3, warmup=0)}
 
@@ -158,13 +170,34 @@ def bench_loader(size: str = "tiny", batch: int = 64, n_images: int = 512, batch
     from vlwb.data import PairDataModule
     with tempfile.TemporaryDirectory() as d:
         paths = generate_shapes_world(d, n_train=n_images, n_val=8, n_test=8, seed=0, progress=False, shard_size=0)
-        dm = PairDataModule(str(paths["train"]), batch_size=batch); dm.setup("fit")
-        it = iter(dm.train_dataloader()); next(it) # the first batch builds the loader
+        dm = PairDataModule(str(paths["train"]), batch_size=batch)
+        dm.setup("fit")
+        it = iter(dm.train_dataloader())
+        next(it) # the first batch builds the loader
         t = time.perf_counter()
         for _ in range(batches): next(it)
         loader = batches * batch / (time.perf_counter() - t)
     step = bench_train_step(size, batch, "fp32", reps=2)["seconds"]
     return loader, batch / step
+
+def bench_write(n: int = 1000, reps: int = 3) -> tuple[float, float]:
+    "Seconds to write a shard of `n` shapes-world samples with `encode_png`, and with Pillow's PNG writer (`compress_level=1`)."
+    import io, tempfile
+    from PIL import Image
+    from vlwb.images import encode_png
+    from vlwb.shapes import make_record
+    from vlwb.shards import ShardWriter
+    samples = [make_record("train", i, 0, 64, 4) for i in range(n)]
+    def pillow_png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG", compress_level=1)
+        return buf.getvalue()
+    with tempfile.TemporaryDirectory() as d:
+        def write(encode):
+            with ShardWriter(Path(d) / "bench.tar") as w:
+                for i, (rec, img, labels) in enumerate(samples):
+                    w.write(f"s{i:06d}", {"png": encode(img), "mask.png": encode(labels), "json": rec})
+        return _median_seconds(lambda: write(encode_png), reps), _median_seconds(lambda: write(pillow_png), reps)
 
 def _scaling_child(kind: str, B: int) -> dict:
     "In a fresh process: the memory rise and time of one forward + backward of `clip` or chunked `filip` at batch `B`."
@@ -203,7 +236,8 @@ def scaling_figure(points: list[dict]) -> go.Figure:
         for col, key in ((1, "seconds"), (2, "peak_mb")):
             fig.add_trace(go.Scatter(x=[p["batch"] for p in ps], y=[p[key] for p in ps], mode="lines+markers", name=kind,
                                      line_color=colours[k % len(colours)], legendgroup=kind, showlegend=col == 1), row=1, col=col)
-    fig.update_xaxes(type="log", title="batch size"); fig.update_yaxes(type="log")
+    fig.update_xaxes(type="log", title="batch size")
+    fig.update_yaxes(type="log")
     fig.update_layout(title="scaling with batch size", width=900, height=380)
     return fig
 
@@ -247,6 +281,9 @@ def run_bench(quick: bool = False, # smaller sizes and fewer repeats: a minute, 
     say("loader ...")
     loader, consumed = bench_loader("micro" if quick else "tiny", 32 if quick else 64, 128 if quick else 512, 3 if quick else 6)
     rows.append(row("loader samples/s", loader, consumed, "samples/s", "training step consumption", ">= 1"))
+    say("shard write ...")
+    ours, pillow = bench_write(200 if quick else 1000, 2 if quick else 3)
+    rows.append(row("shard write (PNG + tar)", ours, pillow, "s", "Pillow PNG (compress_level=1)", "<= 0.667"))
     say("scaling ...")
     scaling = bench_scaling((64, 256) if quick else (64, 128, 256, 512, 1024, 2048))
     return {"machine": machine, "rows": rows, "scaling": scaling}

@@ -120,7 +120,9 @@ class TextEnc:
 # %% ../nbs/00_core.ipynb #00-014
 class Registry(dict):
     "A name -> constructor table whose lookups name the known entries when they fail."
-    def __init__(self, kind: str): super().__init__(); self.kind = kind
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
 
     def register(self, name: str) -> Callable:
         "Decorator: register the decorated class or function as `name`."
@@ -139,7 +141,9 @@ class Registry(dict):
 # %% ../nbs/00_core.ipynb #00-017
 def seed_everything(seed: int) -> int:
     "Seed Python, NumPy and torch (all devices) with `seed`; returns it."
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
     os.environ["PL_GLOBAL_SEED"] = str(seed)
     return seed
 
@@ -150,12 +154,14 @@ def rng(seed: int, *stream) -> np.random.Generator:
 
 # %% ../nbs/00_core.ipynb #00-020
 def _umask() -> int:
-    m = os.umask(0); os.umask(m)
+    m = os.umask(0)
+    os.umask(m)
     return m
 
 def atomic_write(path, data, mode: str = "w"):
     "Write `data` (str or bytes, or a callable taking the temp path) to `path` through a temp file and a rename."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.close(fd)

@@ -54,7 +54,9 @@ class PairCollate:
                 src = it["meta"].get("long") or it["captions"]
                 fixed = random.Random(str(src)) # evaluation: the same sub-captions for a record wherever it sits in a batch
                 subs = sample_subcaptions(src, self.n_sub, rands[i] if self.train else fixed, self.merge)
-                texts += subs; image_of += [i] * len(subs); kind += [int(TextKind.subcaption)] * len(subs)
+                texts += subs
+                image_of += [i] * len(subs)
+                kind += [int(TextKind.subcaption)] * len(subs)
         for r, it, caption in zip(rands, items, list(texts)):
             negs = [n["text"] for n in it["meta"].get("negatives", [])]
             if self.from_caption: # edits of this step's caption: the record's labelled ones, else made by rule
@@ -62,7 +64,9 @@ class PairCollate:
                        or [n["text"] for n in hard_negatives(caption, rand=r, per_kind=max(1, self.n_neg))]
             if self.n_neg and negs:
                 negs = r.sample(negs, min(self.n_neg, len(negs))) if self.train else negs[:self.n_neg]
-                texts += negs; image_of += [-1] * len(negs); kind += [int(TextKind.negative)] * len(negs)
+                texts += negs
+                image_of += [-1] * len(negs)
+                kind += [int(TextKind.negative)] * len(negs)
         ids, mask = self.tokenizer(texts)
         boxes = [it["boxes"] for it in items] if all("boxes" in it for it in items) else None
         masks = [it["masks"] for it in items] if all("masks" in it for it in items) else None
@@ -234,7 +238,9 @@ def check_pairs(path, # any pair source `open_pairs` accepts
         ds = ShardedPairs(path, rank=0, world_size=1)
         for s in tqdm(ds.shards, desc="checking shards", disable=not progress):
             for key, sample in iter_tar_samples(s):
-                try: ds._decode(key, sample); good += 1
+                try:
+                    ds._decode(key, sample)
+                    good += 1
                 except BadSample as e: skip(e.reason, f"{s.name}:{key}: {e}")
         return {"path": str(path), "records": good + sum(skipped.values()), "good": good, "skipped": dict(skipped), "examples": msgs}
     ds = None

@@ -147,7 +147,8 @@ class DemoApp:
         hits, note = self.retrieve(query, k, model)
         cells = []
         for im, caption in hits:
-            im = im.copy(); im.thumbnail((192, 192))
+            im = im.copy()
+            im.thumbnail((192, 192))
             cells.append(f"<figure class='hit'><img src='{viz.data_uri(im)}' width='{max(im.size[0], 96)}'>"
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
         return f"<div style='display:flex;flex-wrap:wrap;gap:8px'>{''.join(cells)}</div>", note

@@ -149,7 +149,9 @@ def order_perturbations(caption: str, rand) -> list[str]:
     for make in makers:
         for _ in range(5):
             t = join_words(make())
-            if t != caption and t not in out: out.append(t); break
+            if t != caption and t not in out:
+                out.append(t)
+                break
     return out
 
 @torch.no_grad()
@@ -163,7 +165,8 @@ def text_scores(model: VLModel, images: torch.Tensor, texts: list[list[str]], ba
         temb = model.encode_text(flat).embed
         k = 0
         for i, ts in enumerate(texts[b:b + batch_size]):
-            out.append((emb[i] @ temb[k:k + len(ts)].T).cpu()); k += len(ts)
+            out.append((emb[i] @ temb[k:k + len(ts)].T).cpu())
+            k += len(ts)
     return out
 
 @torch.no_grad()
@@ -187,7 +190,8 @@ def compositional_probes(model: VLModel, path, # records with `negatives` ({text
     from vlwb.shapes import RELATIONS
     seen = [0] * len(idx)
     for i, n in pairs:
-        s = scores[row[i]][seen[row[i]]:seen[row[i]] + 2]; seen[row[i]] += 2
+        s = scores[row[i]][seen[row[i]]:seen[row[i]] + 2]
+        seen[row[i]] += 2
         hit = float(s[0] > s[1])
         per_kind.setdefault(n["kind"], []).append(hit)
         if n["kind"] == "swap_relation":
@@ -222,7 +226,8 @@ def winoground_shapes(n: int = 100, seed: int = 0, size: int = 64) -> list[tuple
     from vlwb.shapes import sample_scene, render_scene, phrase
     out, k = [], 0
     while len(out) < n:
-        g = rng(seed, "winoground", k); k += 1
+        g = rng(seed, "winoground", k)
+        k += 1
         sc = sample_scene(g, size, n_objects=2)
         a, b = sc["objects"]
         if a["color"] == b["color"] or a["shape"] == b["shape"]: continue

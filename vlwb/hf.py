@@ -79,7 +79,8 @@ class HFModel(VLModel):
         super().__init__()
         import transformers
         if net is None and config is not None:
-            cfg = transformers.AutoConfig.for_model(**config); cfg._attn_implementation = "eager"
+            cfg = transformers.AutoConfig.for_model(**config)
+            cfg._attn_implementation = "eager"
             net = transformers.AutoModel.from_config(cfg, attn_implementation="eager")
         if net is None:
             if offline() and not Path(name).exists():

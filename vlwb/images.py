@@ -28,7 +28,8 @@ MAX_PIXELS = 64_000_000
 class BadSample(ValueError):
     "A record or image that cannot be used; `reason` is a short label for counting skips."
     def __init__(self, reason: str, message: str):
-        super().__init__(message); self.reason = reason
+        super().__init__(message)
+        self.reason = reason
 
 def skimage_path(name: str) -> Path:
     "The file of a scikit-image sample photo ('astronaut' or 'astronaut.png'), shipped with the package."

@@ -97,7 +97,8 @@ class _grads_on:
     def __enter__(self):
         self.saved = [(p, p.requires_grad) for p in self.model.parameters()]
         for p, _ in self.saved: p.requires_grad_(True)
-        self.grad = torch.enable_grad(); self.grad.__enter__()
+        self.grad = torch.enable_grad()
+        self.grad.__enter__()
     def __exit__(self, *exc):
         self.grad.__exit__(*exc)
         for p, r in self.saved: p.requires_grad_(r)

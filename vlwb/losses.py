@@ -140,8 +140,10 @@ class Contrast:
             return TextEnc(embed=embed, tokens=gather_rows(e.tokens)[0], mask=gather_rows(e.mask)[0],
                            words=gather_rows(e.word_mask)[0]), off
         (g_img, io), (g_txt, to) = image(img), text(txt)
-        ti = batch.text_image.clone(); ti[ti >= 0] += io
-        ti, _ = gather_rows(ti); kind, _ = gather_rows(batch.text_kind)
+        ti = batch.text_image.clone()
+        ti[ti >= 0] += io
+        ti, _ = gather_rows(ti)
+        kind, _ = gather_rows(batch.text_kind)
         key = None
         if merge_duplicates:
             ids = gather_rows(batch.text_ids.masked_fill(~batch.text_mask.bool(), 0))[0]
@@ -242,7 +244,9 @@ def filip_similarity_naive(img_tokens, txt_tokens, txt_mask):
 class FilipObjective(Objective):
     "FILIP (Yao et al. 2021): InfoNCE on token-wise late-interaction similarities over word tokens, both directions, in chunks."
     needs_tokens = True
-    def __init__(self, chunk: int = 8): super().__init__(); self.chunk = chunk
+    def __init__(self, chunk: int = 8):
+        super().__init__()
+        self.chunk = chunk
 
     def forward(self, c, scale):
         cap = c.caption_index()
@@ -434,7 +438,8 @@ class TclObjective(Objective):
             lmi_t = g2l_loss(c.txt_m.tokens[cap].detach(), t[rows], rows, scale, c.txt_m.word_mask[cap])
             out["tcl_lmi"] = (lmi_i + lmi_t) / 6
         if c.training: # after the losses, as TCL: this batch is in the queue from the next step on
-            self.image_queue.push(vm); self.text_queue.push(tm)
+            self.image_queue.push(vm)
+            self.text_queue.push(tm)
         return out
 
 # %% ../nbs/05_losses.ipynb #05-030

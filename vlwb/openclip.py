@@ -152,7 +152,8 @@ class OpenClipModel(VLModel):
             else: pooled, tokens = v(images)
         finally: v.output_tokens = False
         if getattr(v, "final_ln_after_pool", False): tokens = v.ln_post(tokens)
-        n = tokens.shape[1]; side = int(round(n ** 0.5))
+        n = tokens.shape[1]
+        side = int(round(n ** 0.5))
         return ImageEnc(embed=l2norm(pooled), tokens=l2norm(_project(tokens, v.proj)), grid=(side, n // side),
                         attn=probe.maps if probe else None)
 

@@ -37,22 +37,32 @@ def _read_table(path: Path, strict: bool, on_skip=_log_warning) -> tuple[list[di
     raw = path.read_bytes()
     def bad(n, reason, msg):
         if strict: raise ValueError(f"{path}:{n}: {msg}")
-        skips[reason] += 1; on_skip(reason, f"{path}:{n}: {msg}")
+        skips[reason] += 1
+        on_skip(reason, f"{path}:{n}: {msg}")
     if suffix in (".jsonl", ".json"):
         for n, line in enumerate(raw.split(b"\n"), 1):
             if not line.strip(): continue
             try: text = line.decode("utf-8")
-            except UnicodeDecodeError: bad(n, "not UTF-8", "line is not UTF-8 text"); continue
+            except UnicodeDecodeError:
+                bad(n, "not UTF-8", "line is not UTF-8 text")
+                continue
             try: r = json.loads(text)
-            except json.JSONDecodeError as e: bad(n, "bad JSON line", f"not a JSON object ({e.msg})"); continue
-            if not isinstance(r, dict): bad(n, "bad JSON line", "not a JSON object"); continue
-            r["_line"] = n; rows.append(r)
+            except json.JSONDecodeError as e:
+                bad(n, "bad JSON line", f"not a JSON object ({e.msg})")
+                continue
+            if not isinstance(r, dict):
+                bad(n, "bad JSON line", "not a JSON object")
+                continue
+            r["_line"] = n
+            rows.append(r)
         return rows, skips
     text = raw.decode("utf-8", errors="surrogateescape")
     for n, r in enumerate(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","), 2):
         if any(isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v) for v in r.values()):
-            bad(n, "not UTF-8", "row is not UTF-8 text"); continue
-        r["_line"] = n; rows.append(r)
+            bad(n, "not UTF-8", "row is not UTF-8 text")
+            continue
+        r["_line"] = n
+        rows.append(r)
     return rows, skips
 
 def _read_folder(path: Path, on_skip=_log_warning) -> tuple[list[dict], Counter]:
@@ -60,9 +70,15 @@ def _read_folder(path: Path, on_skip=_log_warning) -> tuple[list[dict], Counter]
     rows, skips = [], Counter()
     for p in sorted(q for q in path.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS):
         txt = p.with_suffix(".txt")
-        if not txt.exists(): skips["no caption file"] += 1; on_skip("no caption file", f"{p}: no {txt.name}"); continue
+        if not txt.exists():
+            skips["no caption file"] += 1
+            on_skip("no caption file", f"{p}: no {txt.name}")
+            continue
         try: caps = [l.strip() for l in txt.read_bytes().decode("utf-8").splitlines() if l.strip()]
-        except UnicodeDecodeError: skips["not UTF-8"] += 1; on_skip("not UTF-8", f"{txt}: not UTF-8 text"); continue
+        except UnicodeDecodeError:
+            skips["not UTF-8"] += 1
+            on_skip("not UTF-8", f"{txt}: not UTF-8 text")
+            continue
         rows.append({"image": str(p.relative_to(path)), "captions": caps})
     return rows, skips
 
@@ -106,7 +122,8 @@ def load_records(path, # a .jsonl/.csv/.tsv file, or a folder of images with sam
     for r in rows:
         try: recs.append(normalise_record(r, image_key, caption_key))
         except BadSample as e:
-            skips[e.reason] += 1; on_skip(e.reason, f"{path}:{r.get('_line', '?')}: {e}")
+            skips[e.reason] += 1
+            on_skip(e.reason, f"{path}:{r.get('_line', '?')}: {e}")
     return recs, skips
 
 # %% ../nbs/02b_records.ipynb #02-016
@@ -176,7 +193,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 def load_image_raw(path) -> Image.Image:
     "A label map as stored (no colour conversion)."
     try:
-        with Image.open(path) as im: im.load(); return im.copy()
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
     except FileNotFoundError: raise BadSample("missing mask", f"mask file {path} does not exist") from None
     except (OSError, ValueError) as e: raise BadSample("corrupt mask", f"cannot decode mask {path}: {e}") from None
 

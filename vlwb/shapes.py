@@ -204,13 +204,15 @@ def scene_negatives(objects: list[dict], g: np.random.Generator) -> list[dict]:
         if _present(objects, {"color": b["color"], "shape": a["shape"]}) and _present(objects, {"color": a["color"], "shape": b["shape"]}): continue
         swapped_a, swapped_b = dict(a, color=b["color"]), dict(b, color=a["color"])
         out.append({"text": f"{phrase(swapped_a, ('color',))} and {phrase(swapped_b, ('color',))}", "kind": "swap_attribute",
-                    "positive": f"{phrase(a, ('color',))} and {phrase(b, ('color',))}"}); break
+                    "positive": f"{phrase(a, ('color',))} and {phrase(b, ('color',))}"})
+        break
     for i, j in pairs: # swap_relation: the arguments exchanged
         a, b = objects[i], objects[j]
         if _desc(a) == _desc(b): continue
         rel = relation(a, b)
         if relation_holds(objects, _desc(b), rel, _desc(a)): continue
-        out.append({"text": relation_caption(b, a, rel), "kind": "swap_relation", "positive": relation_caption(a, b)}); break
+        out.append({"text": relation_caption(b, a, rel), "kind": "swap_relation", "positive": relation_caption(a, b)})
+        break
     order = [int(k) for k in g.permutation(n)]
     for attr, kind, values in (("shape", "replace_object", SHAPES), ("color", "replace_attribute", tuple(COLORS))):
         done = False
@@ -220,7 +222,8 @@ def scene_negatives(objects: list[dict], g: np.random.Generator) -> list[dict]:
                 alt = dict(o, **{attr: str(v)})
                 if v == o[attr] or _present(objects, _desc(alt, ("size", "color", "shape"))): continue
                 out.append({"text": phrase(alt, ("size", "color")), "kind": kind, "positive": phrase(o, ("size", "color"))})
-                done = True; break
+                done = True
+                break
             if done: break
     return out
 
@@ -250,7 +253,9 @@ def _write_part(out: str, split: str, start: int, stop: int, seed: int, size: in
     for i in range(start, stop):
         rec, img, labels = make_record(split, i, seed, size, max_objects)
         png, mask = encode_png(img), encode_png(labels)
-        if files: (out / rec["image"]).write_bytes(png); (out / rec["mask"]).write_bytes(mask)
+        if files:
+            (out / rec["image"]).write_bytes(png)
+            (out / rec["mask"]).write_bytes(mask)
         line = json.dumps(rec)
         if writer: writer.write(f"{split}_{i:06d}", {"png": png, "mask.png": mask, "json": line})
         lines.append(line)
@@ -293,7 +298,8 @@ def generate_shapes_world(out, # folder to write into
         results = pool.map(_write_part, *zip(*map(args, jobs)))
     try:
         for j, ls in zip(jobs, results):
-            lines.setdefault(j[0], []).append(ls); bar.update(len(ls))
+            lines.setdefault(j[0], []).append(ls)
+            bar.update(len(ls))
     finally:
         if pool: pool.shutdown()
         bar.close()

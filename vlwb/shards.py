@@ -11,6 +11,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+import webdataset as wds
+from braceexpand import braceexpand
 from PIL import Image
 
 from .images import BadSample, Preprocess, as_preprocess, load_image, MAX_PIXELS
@@ -22,51 +24,39 @@ log = logging.getLogger("vlwb.shards")
 __all__ = ['log', 'ShardWriter', 'expand_shards', 'iter_tar_samples', 'ShardedPairs']
 
 # %% ../nbs/02c_shards.ipynb #02-018
-def _ustar_header(name: str, size: int) -> bytes:
-    "A POSIX ustar header for a regular file: mode 644, owner 0, time 0 (so equal samples make equal shards)."
-    raw = name.encode()
-    if len(raw) > 100: raise ValueError(f"member name {name!r} is longer than 100 bytes")
-    h = bytearray(512)
-    h[0:len(raw)] = raw
-    h[100:108], h[108:116], h[116:124] = b"0000644\0", b"0000000\0", b"0000000\0"
-    h[124:136], h[136:148] = b"%011o\0" % size, b"00000000000\0"
-    h[148:156], h[156] = b"        ", ord("0")
-    h[257:265] = b"ustar\x0000"
-    h[148:156] = b"%06o\0 " % sum(h)
-    return bytes(h)
-
 class ShardWriter:
     "Write samples (a key and `{extension: bytes | str | dict}`) into one WebDataset tar shard, atomically."
     def __init__(self, path):
-        self.path = Path(path); self.tmp = self.path.with_name(self.path.name + ".tmp")
-        self.f = open(self.tmp, "wb"); self.count = 0; self.size = 0
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.f = open(self.tmp, "wb")
+        # fixed time, owner and mode: the same samples make byte-identical shards
+        self.tar = wds.TarWriter(self.f, user="", group="", mode=0o644, mtime=0, encoder=False)
+        self.count = 0
 
     def write(self, key: str, sample: dict):
         if "." in key: raise ValueError(f"sample key {key!r} must not contain '.' (WebDataset splits keys at the first dot)")
-        for ext, v in sample.items():
-            data = json.dumps(v).encode() if isinstance(v, (dict, list)) else v.encode() if isinstance(v, str) else bytes(v)
-            pad = -len(data) % 512
-            self.f.write(_ustar_header(f"{key}.{ext}", len(data)) + data + b"\0" * pad)
-            self.size += 512 + len(data) + pad
+        def encode(v): return json.dumps(v).encode() if isinstance(v, (dict, list)) else v.encode() if isinstance(v, str) else bytes(v)
+        self.tar.write({"__key__": key, **{ext: encode(v) for ext, v in sample.items()}})
         self.count += 1
 
     def close(self):
-        end = 1024 + (-(self.size + 1024) % 10240) # two zero blocks, then padding to tar's 10 KiB record
-        self.f.write(b"\0" * end); self.f.close(); os.replace(self.tmp, self.path)
+        self.tar.close()
+        self.f.close()
+        os.replace(self.tmp, self.path)
     def __enter__(self): return self
     def __exit__(self, *exc):
-        if exc[0] is None: self.close()
-        else: self.f.close(); self.tmp.unlink(missing_ok=True)
+        if exc[0] is None: return self.close()
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
 
 def expand_shards(spec) -> list[Path]:
     "Shard paths of a .tar file, a folder, a glob, a WebDataset brace range, or a list of these."
     if isinstance(spec, (list, tuple)): return [p for s in spec for p in expand_shards(s)]
     spec = str(spec)
-    import re
-    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
-    if m:
-        a, b = m.group(1), m.group(2)
-        return [p for i in range(int(a), int(b) + 1) for p in expand_shards(spec[:m.start()] + str(i).zfill(len(a)) + spec[m.end():])]
+    if "{" in spec:
+        expanded = list(braceexpand(spec))
+        if len(expanded) > 1: return expand_shards(expanded)
     p = Path(spec)
     if p.is_dir(): out = sorted(p.glob("*.tar"))
     elif any(c in spec for c in "*?["): out = sorted(Path(x) for x in glob.glob(spec))
@@ -85,8 +75,11 @@ def iter_tar_samples(path: Path) -> Iterator[tuple[str, dict]]:
                 if not ti.isfile(): continue
                 name = ti.name.rsplit("/", 1)[-1]
                 k, _, ext = name.partition(".")
-                if k != key and sample: yield key, sample; sample = {}
-                key = k; sample[ext] = tar.extractfile(ti).read()
+                if k != key and sample:
+                    yield key, sample
+                    sample = {}
+                key = k
+                sample[ext] = tar.extractfile(ti).read()
     except (tarfile.TarError, OSError, EOFError) as e: log.warning("shard %s: stopped reading (%s)", path, e)
     if sample: yield key, sample
 
@@ -186,10 +179,18 @@ class ShardedPairs(torch.utils.data.IterableDataset):
         for key, sample in self._samples(shard_ids, keep):
             if n >= limit: break
             try: item = self._decode(key, sample)
-            except BadSample as e: log_skip(self.skipped, e.reason, str(e)); continue
+            except BadSample as e:
+                log_skip(self.skipped, e.reason, str(e))
+                continue
             n += 1
-            if self.shuffle_buffer <= 1: yield item; continue
-            if len(buf) < self.shuffle_buffer: buf.append(item); continue
-            k = rand.randrange(len(buf)); yield buf[k]; buf[k] = item
+            if self.shuffle_buffer <= 1:
+                yield item
+                continue
+            if len(buf) < self.shuffle_buffer:
+                buf.append(item)
+                continue
+            k = rand.randrange(len(buf))
+            yield buf[k]
+            buf[k] = item
         rand.shuffle(buf)
         yield from buf

@@ -99,7 +99,9 @@ def run_one(study: Study, arm: Arm, seed: int, root, world, env: Optional[dict] 
     what = "re-evaluated" if evaluated else "trained"
     if _steps_done(d) < study.steps:
         last = d / "resume" / "last.ckpt"
-        if last.exists(): args += ["--ckpt_path", str(last)]; what = "resumed"
+        if last.exists():
+            args += ["--ckpt_path", str(last)]
+            what = "resumed"
         t0 = time.time()
         with open(d / "train.log", "a") as log:
             r = subprocess.run(_cli() + ["train", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -170,7 +172,8 @@ def _write_csv(path: Path, rows: list[dict]):
     buf = io.StringIO()
     if rows:
         w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        w.writeheader(); w.writerows(rows)
+        w.writeheader()
+        w.writerows(rows)
     atomic_write(path, buf.getvalue())
 
 def read_csv(path) -> list[dict]:

@@ -103,7 +103,8 @@ def split_sentences(text: str) -> list[str]:
     for m in _SENT_END.finditer(text):
         piece = text[start:m.start()].strip()
         if piece.lower().endswith(_ABBREV): continue # "e.g. A" is not a sentence end
-        out.append(piece); start = m.end()
+        out.append(piece)
+        start = m.end()
     out.append(text[start:].strip())
     return [s for s in out if s]
 
@@ -251,11 +252,15 @@ def noun_phrases(words: list[str]) -> list[NounPhrase]:
         j, det, adjs = i, None, []
         if words[j].lower() in DETERMINERS: det, j = j, j + 1
         while j < n and words[j].lower() in ADJECTIVES and not (singular(words[j]) and (j + 1 >= n or not singular(words[j + 1]) and words[j + 1].lower() not in ADJECTIVES)):
-            adjs.append(j); j += 1
+            adjs.append(j)
+            j += 1
         nouns = []
-        while j < n and singular(words[j]): nouns.append(j); j += 1
+        while j < n and singular(words[j]):
+            nouns.append(j)
+            j += 1
         if nouns:
-            out.append(NounPhrase(i, j, det, adjs, nouns)); i = j
+            out.append(NounPhrase(i, j, det, adjs, nouns))
+            i = j
         else: i += 1
     return out
 
@@ -337,12 +342,15 @@ def hard_negatives(caption: str, # a free-form English caption
     if "replace_object" in kinds:
         present = {singular(words[i]) for p in nps for i in p.nouns}
         for p in nps:
-            i = p.nouns[-1]; noun = singular(words[i]); cat = NOUNS[noun]
+            i = p.nouns[-1]
+            noun = singular(words[i])
+            cat = NOUNS[noun]
             if cat in ("place",): continue
             is_plural = words[i].lower() != noun
             for alt in NOUN_CATEGORIES[cat]:
                 if alt in present or may_name_same(alt, noun): continue # a synonym or hypernym keeps the caption true
-                out = list(words); out[i] = _match_case(plural(alt) if is_plural else alt, words[i])
+                out = list(words)
+                out[i] = _match_case(plural(alt) if is_plural else alt, words[i])
                 candidates["replace_object"].append(out)
     if "replace_attribute" in kinds:
         present = {w.lower() for w in words}
@@ -353,7 +361,8 @@ def hard_negatives(caption: str, # a free-form English caption
                 pool = COLOR_WORDS[:8] if kind == "color" else ("small", "large", "tiny", "huge")
                 for alt in pool:
                     if alt in present or may_name_same(alt, words[i]): continue
-                    out = list(words); out[i] = _match_case(alt, words[i])
+                    out = list(words)
+                    out[i] = _match_case(alt, words[i])
                     candidates["replace_attribute"].append(out)
     negs = []
     for kind in kinds:
@@ -363,6 +372,7 @@ def hard_negatives(caption: str, # a free-form English caption
         for c in cands:
             text = join_words(_fix_articles(c))
             if text == caption or text in seen: continue
-            seen.add(text); negs.append({"text": text, "kind": kind})
+            seen.add(text)
+            negs.append({"text": text, "kind": kind})
             if len(seen) >= per_kind: break
     return negs

@@ -207,7 +207,8 @@ def model_fingerprint(model: VLModel) -> str:
     "A hash of a model's spec and weights: equal exactly when the model computes the same function."
     h = hashlib.sha256(json.dumps(model.spec, sort_keys=True, default=str).encode())
     for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode()); h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()) # any dtype
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()) # any dtype
     return h.hexdigest()
 
 def dataset_fingerprint(ds: ImageCaptionDataset) -> str:

@@ -73,7 +73,8 @@ def alignment_figure(image: Image.Image, # the image as the model saw it (`model
     fig = make_subplots(rows=2, cols=1, row_heights=[0.86, 0.14], vertical_spacing=0.04)
     lo, hi = float(maps.min()), float(maps.max())
     _overlay(fig, image, maps[token], row=1, col=1, zmin=lo, zmax=hi, name=f"cos({words[token]}, patch)")
-    gh, gw = alignment["grid"]; W, H = image.size
+    gh, gw = alignment["grid"]
+    W, H = image.size
     r, c = alignment["best"][token]
     _box_patch(fig, image, alignment["grid"], (r, c), 3, row=1, col=1)
     fig.add_trace(go.Scatter(x=[(c + 0.5) * W / gw - 0.5], y=[(r + 0.5) * H / gh - 0.5], mode="markers", name="best patch",
@@ -85,7 +86,8 @@ def alignment_figure(image: Image.Image, # the image as the model saw it (`model
                              showscale=False, xgap=2, hovertemplate="%{text}: best patch cos %{z:.3f}<extra></extra>", name="words"),
                   row=2, col=1)
     fig.add_shape(type="rect", x0=token - 0.5, x1=token + 0.5, y0=-0.5, y1=0.5, line=dict(color="cyan", width=3), row=2, col=1)
-    fig.update_xaxes(visible=False, row=2, col=1); fig.update_yaxes(visible=False, row=2, col=1)
+    fig.update_xaxes(visible=False, row=2, col=1)
+    fig.update_yaxes(visible=False, row=2, col=1)
     fig.update_layout(title=title if title is not None else f"'{words[token]}': similarity to each patch (best patch boxed)",
                       width=460, height=560, margin=dict(l=10, r=10, t=40, b=10))
     return fig
@@ -151,7 +153,8 @@ def caption_comparison_figure(images: dict, # model name -> the image as that mo
     fig = make_subplots(rows=n, cols=2 * len(names), specs=specs, column_widths=[0.62, 0.38] * len(names),
                         horizontal_spacing=0.02, vertical_spacing=0.02,
                         column_titles=sum(([f"<b>{k}</b>: probability over captions", "caption → patch"] for k in names), []))
-    lo = min(float(s["maps"].min()) for s in scores.values()); hi = max(float(s["maps"].max()) for s in scores.values())
+    lo = min(float(s["maps"].min()) for s in scores.values())
+    hi = max(float(s["maps"].max()) for s in scores.values())
     short = [c if len(c) <= 48 else c[:45] + "..." for c in captions]
     for j, k in enumerate(names):
         s = scores[k]
@@ -239,7 +242,8 @@ def alignment_grid_figure(image: Image.Image, alignment: dict, per_row: int = 7,
     "Every word's map over the image (rows of `per_row`, one colour scale), each best patch boxed."
     words = alignment["words"][:max_words]
     maps = alignment["maps"]
-    cols = min(per_row, len(words)); rows = math.ceil(len(words) / cols)
+    cols = min(per_row, len(words))
+    rows = math.ceil(len(words) / cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=words, horizontal_spacing=0.01, vertical_spacing=0.06)
     lo, hi = float(maps.min()), float(maps.max())
     for k in range(len(words)):

@@ -122,7 +122,8 @@ class Explorer:
             data = bytes(f["content"])
             try: interpret.as_image(data)
             except BadSample as e:
-                self._say(f"{f['name']}: not a usable image ({e})", error=True); continue
+                self._say(f"{f['name']}: not a usable image ({e})", error=True)
+                continue
             key = "upload:" + hashlib.sha1(data).hexdigest()[:12]
             self.entries.append({"label": f"uploaded: {f['name']}", "image": data, "caption": "", "negatives": [], "key": key})
             self._set_images(len(self.entries) - 1)

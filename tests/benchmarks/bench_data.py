@@ -62,12 +62,16 @@ def train_rate(source: str, batch_size: int, steps: int = 6) -> float:
     import torch
     from vlwb.data import PairDataModule
     from vlwb.train import VLModule
-    dm = PairDataModule(source, batch_size=batch_size); dm.setup("fit")
+    dm = PairDataModule(source, batch_size=batch_size)
+    dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     module = VLModule("builtin:tiny")
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3) # the optimiser VLModule configures, without its schedule
     def step():
-        opt.zero_grad(); loss = module.objectives(*module(batch), batch, module.model.scale)["loss"]; loss.backward(); opt.step()
+        opt.zero_grad()
+        loss = module.objectives(*module(batch), batch, module.model.scale)["loss"]
+        loss.backward()
+        opt.step()
     step()
     t = time.perf_counter()
     for _ in range(steps): step()

@@ -36,9 +36,12 @@ def main(n=60):
                 fig, note = c.predict(handle_file(p), r["captions"][0], "1", "tiny", api_name="/alignment")
                 http.append((time.perf_counter() - t0) * 1000)
                 assert fig["type"] == "plotly" and not note.startswith("⚠"), note
-                t0 = time.perf_counter(); app.alignment(p, r["captions"][0], "1", "tiny"); local.append((time.perf_counter() - t0) * 1000)
+                t0 = time.perf_counter()
+                app.alignment(p, r["captions"][0], "1", "tiny")
+                local.append((time.perf_counter() - t0) * 1000)
         finally:
-            demo.close(); app.close()
+            demo.close()
+            app.close()
     q = lambda v: (statistics.median(v), statistics.quantiles(v, n=20)[18])
     (h50, h95), (l50, l95) = q(http), q(local)
     print(f"alignment-map request, builtin:tiny, {n} requests, {torch.get_num_threads()} threads")

@@ -23,7 +23,9 @@ def _median_time(fn, reps=7):
     fn() # warm-up
     ts = []
     for _ in range(reps):
-        t = time.perf_counter(); fn(); ts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
     return sorted(ts)[len(ts) // 2]
 
 
@@ -37,7 +39,8 @@ def clip_bench():
     def run(f):
         def go():
             u, v = u0.clone().requires_grad_(), v0.clone().requires_grad_()
-            l = f(u, v, scale); l.backward()
+            l = f(u, v, scale)
+            l.backward()
             return l
         return go
     t_ours, t_ref = _median_time(run(clip_loss)), _median_time(run(ref_loss))
@@ -60,18 +63,26 @@ def filip_child(kind):
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
     samples, stop = [], threading.Event()
     def watch():
-        while not stop.is_set(): samples.append(rss()); time.sleep(0.0002)
+        while not stop.is_set():
+            samples.append(rss())
+            time.sleep(0.0002)
     base = rss()
-    th = threading.Thread(target=watch); th.start()
+    th = threading.Thread(target=watch)
+    th.start()
     t = time.perf_counter()
-    s_i, s_t = f(); (s_i.sum() + s_t.sum()).backward()
+    s_i, s_t = f()
+    (s_i.sum() + s_t.sum()).backward()
     elapsed = time.perf_counter() - t
-    stop.set(); th.join()
+    stop.set()
+    th.join()
     peak = (max(samples) - base) / 1024 # KiB
     reps = [elapsed]
     for _ in range(4):
         x.grad = y.grad = None
-        t = time.perf_counter(); s_i, s_t = f(); (s_i.sum() + s_t.sum()).backward(); reps.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        s_i, s_t = f()
+        (s_i.sum() + s_t.sum()).backward()
+        reps.append(time.perf_counter() - t)
     print(json.dumps({"peak_mb": peak / 1024, "time": sorted(reps)[2], "s_i": s_i[:4, :4].tolist(), "s_t": s_t[:4, :4].tolist()}))
 
 

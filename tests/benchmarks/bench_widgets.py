@@ -29,7 +29,9 @@ def main(n=20):
         peer = []
         def timed(key, fn, view):
             start = len(ex.timings)
-            t0 = time.perf_counter(); fn(); wall = (time.perf_counter() - t0) * 1000
+            t0 = time.perf_counter()
+            fn()
+            wall = (time.perf_counter() - t0) * 1000
             assert any(v == view for v, _ in ex.timings[start:]), f"{key} did not redraw {view}"
             acts[key].append(wall)
         for i in range(1, n + 1):
@@ -43,7 +45,9 @@ def main(n=20):
             others = gen if ex.w_others.value != gen else "\n".join(ex.entry["negatives"][:2]) # a change, so a redraw
             timed("caption comparison", lambda: setattr(ex.w_others, "value", others), "compare")
             x, cap = interpret.prepare(tiny, ex.entry["image"]), ex.w_caption.value
-            t0 = time.perf_counter(); interpret.word_patch_alignment(tiny, x, cap); interpret.explain(tiny, x, cap)
+            t0 = time.perf_counter()
+            interpret.word_patch_alignment(tiny, x, cap)
+            interpret.explain(tiny, x, cap)
             peer.append((time.perf_counter() - t0) * 1000)
     p = lambda v, q: statistics.quantiles(v, n=20)[18] if q == 95 else statistics.median(v)
     print(f"Explorer updates, builtin:tiny, {n} images, {torch.get_num_threads()} threads (wall time of the widget change, figure built and sent)")
