@@ -18,7 +18,8 @@ def pytest_configure(config):
 def world(tmp_path_factory):
     "A small shapes world (seed 0): split name -> JSONL path."
     from vlwb.shapes import generate_shapes_world
-    return generate_shapes_world(tmp_path_factory.mktemp("world"), n_train=48, n_val=8, n_test=30, seed=0, progress=False)
+    return generate_shapes_world(tmp_path_factory.mktemp("world"), n_train=48, n_val=8, n_test=30, seed=0,
+                                 progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +28,11 @@ def open_clip_tiny():
     import torch
     from open_clip.factory import _MODEL_CONFIGS
     from vlwb.models import create_model
-    _MODEL_CONFIGS["vlwb-test-vit"] = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=32),
-                                           text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2))
+    _MODEL_CONFIGS["vlwb-test-vit"] = dict(embed_dim=32,
+                                           vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8,
+                                                           head_width=32),
+                                           text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2,
+                                                         layers=2))
     torch.manual_seed(0)
     return create_model("open_clip:vlwb-test-vit").eval()
 
@@ -36,15 +40,18 @@ def open_clip_tiny():
 def hf_config(kind):
     "A small transformers CLIP ('clip') or SigLIP ('siglip') config dict."
     from transformers import CLIPConfig, SiglipConfig
-    t = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16)
-    v = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    t = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             max_position_embeddings=16)
+    v = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+             patch_size=8)
     if kind == "clip": return CLIPConfig(text_config=t, vision_config=v, projection_dim=24).to_dict()
     return SiglipConfig(text_config=dict(t, vocab_size=1000), vision_config=v).to_dict()
 
 
 @pytest.fixture(scope="session")
 def filip_model(tmp_path_factory):
-    "builtin:micro trained with filip for 150 steps on a 2,000-image shapes world (about 1.5 minutes): (model, test split, run dir)."
+    """builtin:micro trained with filip for 150 steps on a 2,000-image shapes world (about 1.5 minutes): (model, test
+    split, run dir)."""
     from vlwb.recipes import train_viz_model
     out = tmp_path_factory.mktemp("viz-filip")
     model, test = train_viz_model(out, steps=150, progress=False)
@@ -72,7 +79,8 @@ def hf_siglip(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def clip_run(tmp_path_factory):
-    "builtin:micro trained with clip for 150 steps (colour is learned by then, shape not yet): (checkpoint dir, test split)."
+    """builtin:micro trained with clip for 150 steps (colour is learned by then, shape not yet): (checkpoint dir, test
+    split)."""
     from vlwb.recipes import train_viz_model
     out = tmp_path_factory.mktemp("clip-micro")
     _, test = train_viz_model(out, objective="clip", progress=False)

@@ -1,4 +1,5 @@
-"open_clip and Hugging Face backends on small configs built here: same pooled embeddings as the libraries, tokens, attention, checkpoints."
+"""open_clip and Hugging Face backends on small configs built here: same pooled embeddings as the libraries, tokens,
+attention, checkpoints."""
 import time
 
 import pytest
@@ -59,8 +60,11 @@ def test_hf_matches_the_library(kind):
     mask = torch.ones(2, 16, dtype=torch.bool)
     with torch.no_grad():
         enc, te = m.encode_image(x, attn=True), m.encode_text(ids, mask, attn=True)
-        assert torch.allclose(enc.embed, F.normalize(_pooled(m.net.get_image_features(pixel_values=x)), dim=-1), atol=1e-5)
-        assert torch.allclose(te.embed, F.normalize(_pooled(m.net.get_text_features(input_ids=ids, attention_mask=mask.long())), dim=-1), atol=1e-5)
+        assert torch.allclose(enc.embed, F.normalize(_pooled(m.net.get_image_features(pixel_values=x)), dim=-1),
+                              atol=1e-5)
+        assert torch.allclose(te.embed,
+                              F.normalize(_pooled(m.net.get_text_features(input_ids=ids, attention_mask=mask.long())),
+                                          dim=-1), atol=1e-5)
     dim = 24 if kind == "clip" else 32
     assert enc.tokens.shape == (2, 16, dim) and te.tokens.shape == (2, 16, dim) and enc.grid == (4, 4)
     for a in enc.attn + te.attn: assert torch.allclose(a.sum(-1), torch.ones_like(a.sum(-1)), atol=1e-5)
@@ -85,8 +89,10 @@ def test_checkpoints_round_trip_without_downloads(tmp_path, spec, open_clip_tiny
 def test_offline_missing_weights_fail_at_once(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.time()
-    with pytest.raises(FileNotFoundError, match=r"open_clip:ViT-B-32:/path/to/weights"): create_model("open_clip:ViT-B-32:openai")
-    with pytest.raises(FileNotFoundError, match=r"openai/clip-vit-base-patch32/config.json"): create_model("hf:openai/clip-vit-base-patch32")
+    with pytest.raises(FileNotFoundError, match=r"open_clip:ViT-B-32:/path/to/weights"):
+        create_model("open_clip:ViT-B-32:openai")
+    with pytest.raises(FileNotFoundError, match=r"openai/clip-vit-base-patch32/config.json"):
+        create_model("hf:openai/clip-vit-base-patch32")
     assert time.time() - t0 < 15
     with pytest.raises(KeyError, match="no pretrained tag 'nonesuch'"): create_model("open_clip:ViT-B-32:nonesuch")
     with pytest.raises(KeyError, match="unknown backend 'timm'"): create_model("timm:vit")

@@ -1,4 +1,5 @@
-"`vlwb bench --quick` as a user runs it: the table, the JSON and the page, every row a ratio against a peer measured in the same run."
+"""`vlwb bench --quick` as a user runs it: the table, the JSON and the page, every row a ratio against a peer measured
+in the same run."""
 import json
 import os
 import shutil
@@ -17,13 +18,21 @@ def test_bench_quick_writes_its_table(tmp_path):
     figures = {(row["figure"], row["peer_name"]) for row in result["rows"]}
     assert {("clip loss fwd+bwd", "open_clip ClipLoss"), ("clip loss fwd+bwd", "matmul bound (fp32)"),
             ("filip fwd+bwd peak memory", "all-pairs einsum"), ("filip fwd+bwd time", "all-pairs einsum"),
-            ("train step builtin:micro fp32", "fastest matmul rate"), ("train step builtin:micro bf16", "fastest matmul rate"),
-            ("attention capture (builtin:micro)", "plain forward"), ("attention capture (open_clip:ViT-B-32)", "plain forward"),
-            ("attention capture (hf: CLIP, 4 layers, 96 px)", "plain forward"), ("siglip objective fwd+bwd", "open_clip SigLipLoss"),
-            ("loader samples/s", "training step consumption")} <= figures
+            ("train step builtin:micro fp32", "fastest matmul rate"),
+            ("train step builtin:micro bf16", "fastest matmul rate"),
+            ("attention capture (builtin:micro)", "plain forward"),
+            ("attention capture (open_clip:ViT-B-32)", "plain forward"),
+            ("attention capture (hf: CLIP, 4 layers, 96 px)", "plain forward"),
+            ("siglip objective fwd+bwd", "open_clip SigLipLoss"),
+            ("loader samples/s", "training step consumption"),
+            ("zero-shot eval images/s", "CLIP_benchmark zero-shot pipeline"),
+            ("demo alignment p95 (HTTP)", "300 ms budget"), ("demo alignment p50 (HTTP)", "same handler in-process"),
+            ("shard write (PNG + tar)", "Pillow PNG (compress_level=1)")} <= figures
+    assert any(f.startswith("widget redraw p95") and peer == "300 ms budget" for f, peer in figures)
     for row in result["rows"]:
         assert set(row) >= {"figure", "vlwb", "peer", "ratio", "unit", "peer_name", "target"}
-        assert row["vlwb"] > 0 and row["peer"] > 0 and abs(row["ratio"] - row["vlwb"] / row["peer"]) < 1e-9 * row["ratio"]
+        assert row["vlwb"] > 0 and row["peer"] > 0 and \
+            abs(row["ratio"] - row["vlwb"] / row["peer"]) < 1e-9 * row["ratio"]
     scaling = result["scaling"]
     assert {(p["kind"], p["batch"]) for p in scaling} == {("clip", 64), ("clip", 256), ("filip", 64), ("filip", 256)}
     assert all(p["seconds"] > 0 and p["peak_mb"] >= 0 for p in scaling)

@@ -1,6 +1,6 @@
-"""A real browser: headless Chromium opens `vlwb report`'s HTML page and JupyterLab running 09_widgets, and the screenshots
-show drawn heat maps (pixel variance inside each plot), not blank boxes. Screenshots are kept in $VLWB_SCREENSHOTS (default:
-the test's temp folder) for a person to look at."""
+"""A real browser: headless Chromium opens `vlwb report`'s HTML page and JupyterLab running 09_widgets, and the
+screenshots show drawn heat maps (pixel variance inside each plot), not blank boxes. Screenshots are kept in
+$VLWB_SCREENSHOTS (default: the test's temp folder) for a person to look at."""
 import os
 import re
 import shutil
@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 DRIVER = shutil.which("chromedriver")
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="headless Chromium and chromedriver are not installed "
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
+                                reason="headless Chromium and chromedriver are not installed "
                                 "(Debian: apt-get install chromium chromium-driver); browser screenshots not taken")
 
 
@@ -55,7 +56,8 @@ def _plot_variances(driver, png: Path, selector: str) -> list[float]:
     scale = shot.shape[1] / driver.execute_script("return window.innerWidth")
     out = []
     for el in driver.find_elements(By.CSS_SELECTOR, selector):
-        r = driver.execute_script("const r = arguments[0].getBoundingClientRect(); return [r.left, r.top, r.width, r.height]", el)
+        r = driver.execute_script("const r = arguments[0].getBoundingClientRect(); "
+                                  "return [r.left, r.top, r.width, r.height]", el)
         x0, y0, w, h = (int(v * scale) for v in r)
         crop = shot[max(y0, 0):max(y0, 0) + h, max(x0, 0):max(x0, 0) + w]
         if crop.size > 100 and h > 50: out.append(float(crop.var()))
@@ -71,7 +73,8 @@ def test_report_renders_in_chromium(filip_model, tmp_path):
     driver = _browser()
     try:
         driver.get(page.as_uri())
-        n = _wait(lambda: len(driver.find_elements("css selector", ".js-plotly-plot .heatmaplayer image")) >= 10, 60, "heat maps drawn")
+        n = _wait(lambda: len(driver.find_elements("css selector", ".js-plotly-plot .heatmaplayer image")) >= 10, 60,
+                  "heat maps drawn")
         driver.execute_script("window.scrollTo(0, document.querySelector('h2 + div').getBoundingClientRect().top - 20)")
         time.sleep(1)
         png = _shots_dir(tmp_path) / "report.png"
@@ -100,10 +103,13 @@ def test_jupyterlab_runs_the_widgets(filip_model, tmp_path):
     (work / "runs" / "viz-filip").symlink_to(run) # the notebook's model: the fixture's run (same settings)
     (work / "data").symlink_to(ROOT / "data")
     port = _free_port()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", JUPYTER_CONFIG_DIR=str(tmp_path / "jcfg"), JUPYTER_RUNTIME_DIR=str(tmp_path / "jrt"))
-    lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+    env = dict(os.environ, HF_HUB_OFFLINE="1", JUPYTER_CONFIG_DIR=str(tmp_path / "jcfg"),
+               JUPYTER_RUNTIME_DIR=str(tmp_path / "jrt"))
+    lab = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
+                            "--ServerApp.ip=127.0.0.1",
                             "--IdentityProvider.token=", "--ServerApp.password=", "--ServerApp.disable_check_xsrf=True",
-                            f"--ServerApp.root_dir={work}", "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
+                            f"--ServerApp.root_dir={work}", "--LabApp.news_url=None",
+                            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"],
                            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "lab.log", "w"))
     driver = None
     try:
@@ -113,15 +119,17 @@ def test_jupyterlab_runs_the_widgets(filip_model, tmp_path):
         _wait(lambda: driver.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell"), 90, "the notebook to open")
         time.sleep(3) # Run All waits for the kernel if it is still starting
         _menu(driver, "Run", "Run All Cells")
-        plots = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, ".widget-output .js-plotly-plot .heatmaplayer image"), 240,
-                      "the explorer's figures")
+        plots = _wait(lambda: driver.find_elements(By.CSS_SELECTOR,
+                                                   ".widget-output .js-plotly-plot .heatmaplayer image"),
+                      240, "the explorer's figures")
         time.sleep(3) # let the last cells (driving the widgets) finish
         explorer = driver.find_elements(By.CSS_SELECTOR, ".widget-vbox")
         driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", explorer[0] if explorer else plots[0])
         time.sleep(1)
         png = _shots_dir(tmp_path) / "jupyterlab-widgets.png"
         var = _plot_variances(driver, png, ".widget-output .js-plotly-plot")
-        errors = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "[data-mime-type='application/vnd.jupyter.stderr']")
+        errors = [e.text
+                  for e in driver.find_elements(By.CSS_SELECTOR, "[data-mime-type='application/vnd.jupyter.stderr']")
                   if "Error" in e.text]
     finally:
         if driver: driver.quit()
@@ -143,9 +151,11 @@ def _ok(url) -> bool:
 def _menu(driver, top: str, item: str):
     "Click JupyterLab's menu bar entry `top`, then its item `item`."
     from selenium.webdriver.common.by import By
-    bar = _wait(lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-itemLabel") if e.text == top], 30, f"menu {top}")
+    bar = _wait(lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, ".lm-MenuBar-itemLabel") if e.text == top],
+                30, f"menu {top}")
     bar[0].click()
-    entry = _wait(lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, ".lm-Menu-itemLabel") if e.text == item], 10, f"menu item {item}")
+    entry = _wait(lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, ".lm-Menu-itemLabel") if e.text == item],
+                  10, f"menu item {item}")
     entry[0].click()
 
 
@@ -159,8 +169,10 @@ def test_demo_renders_in_chromium(clip_run, tmp_path):
     try:
         driver.get(url)
         _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "button[role='tab']"), 60, "the app's tabs")
-        _wait(lambda: [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "classify"], 30, "the classify button")[0].click()
-        _wait(lambda: [e for e in driver.find_elements(By.CSS_SELECTOR, "[data-testid='label-output-value'], .output-class")
+        _wait(lambda: [b for b in driver.find_elements(By.TAG_NAME, "button") if b.text == "classify"], 30,
+              "the classify button")[0].click()
+        _wait(lambda: [e for e in driver.find_elements(By.CSS_SELECTOR,
+                                                       "[data-testid='label-output-value'], .output-class")
                        if e.text.strip()], 60, "a zero-shot answer")
         time.sleep(1)
         png = _shots_dir(tmp_path) / "demo.png"

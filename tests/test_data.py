@@ -38,7 +38,8 @@ def test_loader_reads_what_the_generator_wrote(world):
         # normalisation is undone exactly (up to rounding)
         assert np.abs(np.asarray(tensor_to_image(item["image"]), int) - pixels.astype(int)).max() <= 1
         # masks come back as the generator drew them, one per object, in the record's order
-        assert torch.equal(item["masks"], torch.from_numpy(labels[None] == np.arange(1, len(rec["objects"]) + 1)[:, None, None]))
+        assert torch.equal(item["masks"],
+                           torch.from_numpy(labels[None] == np.arange(1, len(rec["objects"]) + 1)[:, None, None]))
 
 
 def test_records_name_their_objects(world):
@@ -101,7 +102,8 @@ def test_bad_json_line_is_named(tmp_path):
 
 def test_missing_and_corrupt_images_are_named(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"image": n, "caption": "c"}) for n in ["gone.png", "broken.png"]))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"image": n, "caption": "c"})
+                                                for n in ["gone.png", "broken.png"]))
     ds = ImageCaptionDataset(tmp_path / "d.jsonl", skip_bad=False)
     with pytest.raises(BadSample, match="gone.png"): ds[0]
     with pytest.raises(BadSample, match="broken.png"): ds[1]

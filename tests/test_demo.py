@@ -1,5 +1,6 @@
 """`vlwb demo` in a subprocess on a free port, driven through HTTP with gradio_client: every tab answers, 50 concurrent
-requests succeed, bad input gets a message, nothing outside the app's folder is served, and the process stops cleanly."""
+requests succeed, bad input gets a message, nothing outside the app's folder is served, and the process stops
+cleanly."""
 import base64
 import io
 import os
@@ -37,15 +38,18 @@ def _ignore_sigint():
 
 
 def start_demo(args, tmp_path, timeout=120):
-    "`vlwb demo ARGS` in a subprocess started with SIGINT ignored, as from a background shell: (process, URL, log path)."
+    """`vlwb demo ARGS` in a subprocess started with SIGINT ignored, as from a background shell: (process, URL, log
+    path)."""
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     log = open(tmp_path / f"demo-{port}.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from vlwb.cli import main; sys.exit(main())", "demo", "--port", str(port), *args], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from vlwb.cli import main; sys.exit(main())", "demo",
+                             "--port", str(port), *args], cwd=tmp_path, env=env,
                             stdout=log, stderr=subprocess.STDOUT, preexec_fn=_ignore_sigint)
     t0 = time.time()
     while time.time() - t0 < timeout:
-        if proc.poll() is not None: raise RuntimeError(f"vlwb demo exited with {proc.returncode}: {Path(log.name).read_text()[-3000:]}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"vlwb demo exited with {proc.returncode}: {Path(log.name).read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
                 if r.status == 200: return proc, f"http://127.0.0.1:{port}/", Path(log.name)
@@ -84,8 +88,8 @@ def _single(test, color=None):
 
 def test_every_tab_answers(demo):
     c, url, test, model, _, _ = demo
-    assert set(c.view_api(print_info=False, return_format="dict")["named_endpoints"]) >= {"/zeroshot", "/retrieve", "/words", "/alignment",
-                                                                         "/attention", "/negatives", "/compare"}
+    assert set(c.view_api(print_info=False, return_format="dict")["named_endpoints"]) >= {
+        "/zeroshot", "/retrieve", "/words", "/alignment", "/attention", "/negatives", "/compare"}
     # zero-shot: colours are what a 150-step model has learned; the true colour ranks first for most single objects
     colours = "red, green, blue, yellow, orange, purple"
     singles = _single(test)[:12]
@@ -120,11 +124,13 @@ def test_every_tab_answers(demo):
 def test_fifty_concurrent_requests(demo):
     c, url, test, model, _, _ = demo
     path, rec = _single(test)[0]
-    jobs = [("/zeroshot", (handle_file(path), "red, green, blue", "a {}", model)), ("/retrieve", ("a blue square", 3, model)),
+    jobs = [("/zeroshot", (handle_file(path), "red, green, blue", "a {}", model)),
+            ("/retrieve", ("a blue square", 3, model)),
             ("/alignment", (handle_file(path), rec["captions"][0], "0", model))]
     def one(i):
         name, args = jobs[i % 3]
-        out = Client(url, verbose=False).predict(*args, api_name=name) if i % 10 == 0 else c.submit(*args, api_name=name).result(120)
+        out = Client(url, verbose=False).predict(*args, api_name=name) if i % 10 == 0 else \
+            c.submit(*args, api_name=name).result(120)
         return name, out
     t0 = time.time()
     with ThreadPoolExecutor(50) as pool:
@@ -185,7 +191,8 @@ def test_stops_cleanly_and_removes_uploads(demo):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_cleanly(clip_run, tmp_path, sig):
-    "Started with SIGINT ignored, the demo still ends on SIGINT and on SIGTERM: exit 0 within seconds, uploads folder gone."
+    """Started with SIGINT ignored, the demo still ends on SIGINT and on SIGTERM: exit 0 within seconds, uploads folder
+    gone."""
     ckpt, test = clip_run
     proc, url, log = start_demo(["--model", str(ckpt)], tmp_path)
     c = Client(url, verbose=False)
@@ -221,13 +228,13 @@ QUICKSTART = ROOT / "runs" / "quickstart"
 @pytest.mark.skipif(not (QUICKSTART / "checkpoint" / "model.safetensors").exists(),
                     reason="runs/quickstart/checkpoint is absent (run `vlwb quickstart` first; CI does)")
 def test_quickstart_model_ranks_circle_first(tmp_path):
-    "Through the app, the quick start's model (zero-shot shape 42%) names most red circles of its test split 'circle'."
+    "Through the app, the quick start's model (zero-shot shape 91%) names most red circles of its test split 'circle'."
     test = QUICKSTART / "shapes" / "test.jsonl"
     proc, url, _ = start_demo(["--model", str(QUICKSTART / "checkpoint")], tmp_path)
     try:
         c = Client(url, verbose=False)
-        firsts = [c.predict(handle_file(p), "circle, square, triangle, star, diamond", "a {}", str(QUICKSTART / "checkpoint"),
-                            api_name="/zeroshot")[0]["label"]
+        firsts = [c.predict(handle_file(p), "circle, square, triangle, star, diamond", "a {}",
+                            str(QUICKSTART / "checkpoint"), api_name="/zeroshot")[0]["label"]
                   for p, r in _single(test, "red") if r["objects"][0]["shape"] == "circle"]
     finally:
         stop(proc)

@@ -1,4 +1,5 @@
-"Evaluation metrics on hand-built numbers, against CLIP_benchmark's own metric functions, and the probes on stub models."
+"""Evaluation metrics on hand-built numbers, against CLIP_benchmark's own metric functions, and the probes on stub
+models."""
 import json
 import math
 import re
@@ -27,13 +28,15 @@ def test_zeroshot_metrics_agree_with_the_reference_implementations():
     acc1 = top_k_accuracy_score(labels.numpy(), logits.numpy(), k=1, labels=list(range(10)))
     acc5 = top_k_accuracy_score(labels.numpy(), logits.numpy(), k=5, labels=list(range(10)))
     assert math.isclose(ours["acc1"], acc1, abs_tol=1e-6) and math.isclose(ours["acc5"], acc5, abs_tol=1e-6)
-    assert math.isclose(ours["mean_per_class_recall"], balanced_accuracy_score(labels.numpy(), logits.argmax(1).numpy()), abs_tol=1e-6)
+    assert math.isclose(ours["mean_per_class_recall"],
+                        balanced_accuracy_score(labels.numpy(), logits.argmax(1).numpy()), abs_tol=1e-6)
 
 
 def test_retrieval_metrics_agree_with_clip_benchmark():
     from clip_benchmark.metrics.zeroshot_retrieval import recall_at_k
     g = torch.Generator().manual_seed(1)
-    img, txt = F.normalize(torch.randn(40, 16, generator=g), dim=-1), F.normalize(torch.randn(120, 16, generator=g), dim=-1)
+    img, txt = (F.normalize(torch.randn(40, 16, generator=g), dim=-1),
+                F.normalize(torch.randn(120, 16, generator=g), dim=-1))
     text_image = torch.arange(40).repeat_interleave(3) # three captions per image
     txt = F.normalize(txt + 0.8 * img[text_image], dim=-1) # related, imperfectly
     ours = retrieval_metrics(img, txt, text_image)
@@ -95,7 +98,8 @@ class Oracle(VLModel):
 
 
 def test_pointing_game_scores_an_oracle_perfectly_and_a_blind_model_like_its_baseline(world, monkeypatch):
-    "The game itself is checked: a model whose words point at their objects hits every time; one pointing nowhere does not."
+    """The game itself is checked: a model whose words point at their objects hits every time; one pointing nowhere
+    does not."""
     from vlwb.records import ImageCaptionDataset
     orig = ImageCaptionDataset.__getitem__
     oracle, blind = Oracle(), Oracle(blind=True)
@@ -175,4 +179,5 @@ def test_vlwb_eval_writes_clip_benchmark_json(tmp_path, world):
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res) == {"dataset", "model", "task", "metrics"}
     assert {"image_retrieval_recall@5", "winoground_group", "modality_gap"} <= set(res["metrics"])
-    with pytest.raises(KeyError, match="unknown evaluation tasks"): evaluate(create_model("builtin:micro"), world["test"], ["nope"])
+    with pytest.raises(KeyError, match="unknown evaluation tasks"):
+        evaluate(create_model("builtin:micro"), world["test"], ["nope"])

@@ -1,4 +1,5 @@
-"The data follows the model: the ids and pixels reaching a model are what its own library's tokenizer and transforms make."
+"""The data follows the model: the ids and pixels reaching a model are what its own library's tokenizer and transforms
+make."""
 import gzip, json, os, shutil, subprocess
 from pathlib import Path
 
@@ -21,18 +22,21 @@ PHOTOS = {"astronaut": "an astronaut in an orange suit", "coffee": "a white cup 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     d = tmp_path_factory.mktemp("photos")
-    (d / "pairs.jsonl").write_text("".join(json.dumps({"image": f"skimage:{k}", "caption": c}) + "\n" for k, c in PHOTOS.items()))
+    (d / "pairs.jsonl").write_text("".join(json.dumps({"image": f"skimage:{k}", "caption": c}) + "\n"
+                                           for k, c in PHOTOS.items()))
     return d / "pairs.jsonl"
 
 
 @pytest.fixture(scope="module")
 def hf_clip_folder(tmp_path_factory):
-    "A small transformers CLIP saved with its own CLIPTokenizer (vocabulary and merges from open_clip's bundled BPE) and image processor."
+    """A small transformers CLIP saved with its own CLIPTokenizer (vocabulary and merges from open_clip's bundled BPE)
+    and image processor."""
     from open_clip.tokenizer import SimpleTokenizer, default_bpe
     from transformers import CLIPImageProcessor, CLIPTokenizer
     d = tmp_path_factory.mktemp("hf-clip") / "clip"
     create_model({"backend": "hf", "config": hf_config("clip")}).net.save_pretrained(d)
-    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}  # the same two tokens, as transformers spells them
+    # the same two tokens, as transformers spells them
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
     (d / "vocab.json").write_text(json.dumps({names.get(k, k): v for k, v in SimpleTokenizer().encoder.items()}))
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
     (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
@@ -57,8 +61,9 @@ def first_val_batch(model, path):
         def on_validation_batch_start(self, trainer, module, batch, batch_idx, dataloader_idx=0): seen.append(batch)
     module = VLModule("builtin:micro", warmup_steps=1)
     module.model = model  # the model under test, with its tokenizer files; the data module is told nothing about it
-    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[Grab()],
-              limit_val_batches=1).validate(module, PairDataModule(str(path), str(path), batch_size=len(PHOTOS)))
+    L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[Grab()], limit_val_batches=1).validate(module, PairDataModule(str(path), str(path),
+                                                                                       batch_size=len(PHOTOS)))
     return seen[0]
 
 
@@ -89,7 +94,8 @@ def test_hf_clip_gets_its_own_ids_and_pixels(photos, hf_clip_folder):
     # CLIP's BPE here is open_clip's: the HF tokenizer built from it agrees with vlwb's own on real words
     from vlwb.text import Tokenizer
     ours, _ = Tokenizer(16)(list(PHOTOS.values()))
-    assert torch.equal(ours[:, :b.text_ids.shape[1]][b.text_mask], b.text_ids[b.text_mask])  # padding ids differ (0 vs end-of-text)
+    # padding ids differ (0 vs end-of-text)
+    assert torch.equal(ours[:, :b.text_ids.shape[1]][b.text_mask], b.text_ids[b.text_mask])
     # pooled where transformers pools: the end-of-text token
     assert torch.equal(model.pooled_index(b.text_ids, b.text_mask), b.text_mask.sum(1) - 1)
 
@@ -111,8 +117,8 @@ def test_builtin_keeps_its_own_inputs(photos):
 
 
 def test_the_command_line_links_model_inputs_into_the_data(hf_siglip_folder, world):
-    cli = VLCLI(VLModule, PairDataModule, args=["--model.model", f"hf:{hf_siglip_folder}", "--data.train", str(world["train"])],
-                run=False)
+    cli = VLCLI(VLModule, PairDataModule,
+                args=["--model.model", f"hf:{hf_siglip_folder}", "--data.train", str(world["train"])], run=False)
     assert cli.datamodule.tokenizer is cli.model.model.tokenizer
     assert cli.datamodule.preprocess == cli.model.model.preprocess and cli.datamodule.preprocess.size == 32
 
@@ -122,7 +128,8 @@ def test_vlwb_train_fine_tunes_open_clip_vit_b_32(tmp_path, world):
     exe = shutil.which("vlwb")
     assert exe, "the vlwb console script is not installed (pip install -e .)"
     r = subprocess.run([exe, "train", "clip", "--model.model", "open_clip:ViT-B-32",
-                        "--trainer.max_steps", "1", "--data.batch_size", "4", "--data.shapes", str(Path(world["train"]).parent),
+                        "--trainer.max_steps", "1", "--data.batch_size", "4",
+                        "--data.shapes", str(Path(world["train"]).parent),
                         "--out", str(out), "--progress", "false", "--trainer.val_check_interval", "null"],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -176,8 +183,10 @@ def test_lora_on_open_clip_attention(open_clip_tiny):
     with torch.no_grad(): want = m.encode_image(x).embed
     trained = add_lora(m, r=2)
     assert trained and {n for n, p in m.named_parameters() if p.requires_grad} == set(trained)
-    assert any(".visual." in n for n in trained) and any("net.transformer." in n for n in trained)  # both towers' attention
-    with torch.no_grad(): assert torch.allclose(m.encode_image(x).embed, want, atol=1e-6)  # B = 0: unchanged at the start
+    # both towers' attention
+    assert any(".visual." in n for n in trained) and any("net.transformer." in n for n in trained)
+    # B = 0: unchanged at the start
+    with torch.no_grad(): assert torch.allclose(m.encode_image(x).embed, want, atol=1e-6)
     enc = m.encode_image(x, attn=True)  # attention capture sees the adapted weights
     assert torch.allclose(enc.attn[0].sum(-1), torch.ones(2, 2, 17), atol=1e-5)
     m.encode_image(x).embed.sum().backward()

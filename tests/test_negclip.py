@@ -63,14 +63,16 @@ def test_batches_hold_neighbours_and_negatives_of_the_drawn_caption(world):
     negs = (batch.text_image < 0).nonzero().flatten()
     assert len(negs) >= 6 # one per image, where the caption has an editable structure
     tok = dm.tokenizer._bpe
-    decode = lambda ids: tok.decode([int(i) for i in ids if int(i) not in (0, tok.sot_token_id, tok.eot_token_id)]).strip()
+    decode = lambda ids: tok.decode([int(i) for i in ids
+                                     if int(i) not in (0, tok.sot_token_id, tok.eot_token_id)]).strip()
     captions = [decode(batch.text_ids[c]) for c in caps]
     for n in negs:
         neg = decode(batch.text_ids[n])
         assert neg not in captions
         words = lambda t: [w for w in t.replace(",", " ").split() if w not in ("a", "an")]
         # an edit of one of the batch's captions: the same words reordered, or one word replaced
-        assert any(sorted(words(neg)) == sorted(words(c)) or len(set(words(neg)) ^ set(words(c))) <= 2 for c in captions), neg
+        assert any(sorted(words(neg)) == sorted(words(c)) or len(set(words(neg)) ^ set(words(c))) <= 2
+                   for c in captions), neg
 
 
 def test_with_neighbours_draws_per_step():

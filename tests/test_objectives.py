@@ -42,7 +42,8 @@ def test_clip_objective_uses_each_images_caption_and_ignores_other_texts():
     T = len(text_embed)
     batch = PairBatch(images=torch.zeros(B, 3, 4, 4), text_ids=torch.ones(T, 3, dtype=torch.long),
                       text_mask=torch.ones(T, 3, dtype=torch.bool), text_image=text_image, text_kind=kinds)
-    out = Objectives({"clip": 2.0})(ImageEnc(u, u[:, None], (1, 1)), TextEnc(text_embed, text_embed[:, None], torch.ones(T, 1, dtype=torch.bool)),
+    out = Objectives({"clip": 2.0})(ImageEnc(u, u[:, None], (1, 1)),
+                                    TextEnc(text_embed, text_embed[:, None], torch.ones(T, 1, dtype=torch.bool)),
                                     batch, torch.tensor(10.0))
     assert torch.allclose(out["clip"], clip_loss(u, caps, 10.0))
     assert torch.allclose(out["loss"], 2 * out["clip"])
@@ -61,11 +62,13 @@ def test_no_objectives_is_an_error():
 # ---- the seed papers' objectives ---------------------------------------------------------------------------------
 
 from open_clip.loss import SigLipLoss
-from vlwb.losses import (Contrast, filip_similarity, filip_similarity_naive, SigLipObjective, MultiPositiveObjective,
+from vlwb.contrast import Contrast
+from vlwb.losses import (filip_similarity, filip_similarity_naive, SigLipObjective, MultiPositiveObjective,
                          GroupingObjective, HardNegativeObjective, FilipObjective)
 
 
-def _contrast(img_embed, txt_embed, text_image, kinds, img_tokens=None, txt_tokens=None, txt_mask=None, img_m=None, txt_m=None):
+def _contrast(img_embed, txt_embed, text_image, kinds, img_tokens=None, txt_tokens=None, txt_mask=None, img_m=None,
+              txt_m=None):
     B, T = len(img_embed), len(txt_embed)
     it = img_tokens if img_tokens is not None else img_embed[:, None]
     tt = txt_tokens if txt_tokens is not None else txt_embed[:, None]
@@ -119,8 +122,10 @@ def test_filip_objective_prefers_the_matching_tokens():
     B, I, L, D = 4, 6, 5, 16
     xt = _unit(B, I, D, seed=1)
     aligned = _unit(B, D, seed=2)
-    good = FilipObjective()(_contrast(aligned, aligned, torch.arange(B), torch.zeros(B, dtype=torch.long), xt, xt[:, :L]), torch.tensor(20.))
-    bad = FilipObjective()(_contrast(aligned, aligned, torch.arange(B), torch.zeros(B, dtype=torch.long), xt, xt[torch.tensor([1, 2, 3, 0]), :L]), torch.tensor(20.))
+    good = FilipObjective()(_contrast(aligned, aligned, torch.arange(B), torch.zeros(B, dtype=torch.long), xt,
+                                      xt[:, :L]), torch.tensor(20.))
+    bad = FilipObjective()(_contrast(aligned, aligned, torch.arange(B), torch.zeros(B, dtype=torch.long), xt,
+                                     xt[torch.tensor([1, 2, 3, 0]), :L]), torch.tensor(20.))
     assert good["filip"] < 0.05 < bad["filip"]
 
 
@@ -128,7 +133,8 @@ def test_multipos_slots_follow_each_image_not_the_batch_order():
     "Texts in any order: each image's caption is slot 0 and its sub-captions follow in batch order; uneven counts fail."
     u, v = _unit(2, 8, seed=5), _unit(6, 8, seed=6)
     ti = torch.tensor([1, 0, 1, 0, 0, 1])
-    kinds = torch.tensor([TextKind.subcaption, TextKind.subcaption, TextKind.caption, TextKind.subcaption, TextKind.caption, TextKind.subcaption])
+    kinds = torch.tensor([TextKind.subcaption, TextKind.subcaption, TextKind.caption, TextKind.subcaption,
+                          TextKind.caption, TextKind.subcaption])
     assert _contrast(u, v, ti, kinds).slots().tolist() == [[4, 1, 3], [2, 0, 5]]
     with pytest.raises(ValueError, match="same number of texts per image"):
         _contrast(u, v[:5], ti[:5], kinds[:5]).slots()
@@ -153,7 +159,8 @@ def test_hardneg_adds_negatives_to_the_image_softmax_only():
 def test_grouping_pools_the_patches_a_subcaption_describes():
     "A text equal to one patch pools (almost only) that patch, so the grouped embedding finds its text."
     xt = _unit(2, 4, 8, seed=9)
-    sub = xt[torch.tensor([0, 1]), torch.tensor([2, 3])] # sub-caption of image 0 = its patch 2; of image 1 = its patch 3
+    # sub-caption of image 0 = its patch 2; of image 1 = its patch 3
+    sub = xt[torch.tensor([0, 1]), torch.tensor([2, 3])]
     cap = xt[torch.tensor([0, 1]), torch.tensor([0, 1])] # and each caption one of its image's other patches
     g = GroupingObjective(threshold=0.99).group(sub, xt)
     assert torch.allclose(g, sub, atol=1e-6)
@@ -167,24 +174,29 @@ def test_grouping_pools_the_patches_a_subcaption_describes():
 def test_objectives_that_need_texts_say_which():
     u, v = _unit(2, 8, seed=1), _unit(2, 8, seed=2)
     b = PairBatch(images=torch.zeros(2, 3, 4, 4), text_ids=torch.ones(2, 3, dtype=torch.long),
-                  text_mask=torch.ones(2, 3, dtype=torch.bool), text_image=torch.arange(2), text_kind=torch.zeros(2, dtype=torch.long))
+                  text_mask=torch.ones(2, 3, dtype=torch.bool), text_image=torch.arange(2),
+                  text_kind=torch.zeros(2, dtype=torch.long))
     enc = (ImageEnc(u, u[:, None], (1, 1)), TextEnc(v, v[:, None], torch.ones(2, 1, dtype=torch.bool)))
     for name, what in (("multipos", "sub-captions"), ("grouping", "sub-captions"), ("hardneg", "hard negatives")):
-        with pytest.raises(ValueError, match=f"objective '{name}' needs {what}"): Objectives({name: 1.0})(*enc, b, torch.tensor(5.))
+        with pytest.raises(ValueError, match=f"objective '{name}' needs {what}"):
+            Objectives({name: 1.0})(*enc, b, torch.tensor(5.))
     with pytest.raises(ValueError, match="objective 'tcl' needs the momentum model"):
         Objectives({"tcl": 1.0}, embed_dim=8)(*enc, b, torch.tensor(5.))
     with pytest.raises(ValueError, match=r"image \(2, 8\), text \(2, 4\)"):
-        Objectives({"clip": 1.0})(enc[0], TextEnc(_unit(2, 4, seed=3), v[:, None], torch.ones(2, 1, dtype=torch.bool)), b, 5.)
+        Objectives({"clip": 1.0})(enc[0], TextEnc(_unit(2, 4, seed=3), v[:, None], torch.ones(2, 1, dtype=torch.bool)),
+                                  b, 5.)
 
 
 def test_non_finite_loss_names_the_objective():
     u = _unit(2, 8, seed=1)
     b = PairBatch(images=torch.zeros(2, 3, 4, 4), text_ids=torch.ones(2, 3, dtype=torch.long),
-                  text_mask=torch.ones(2, 3, dtype=torch.bool), text_image=torch.arange(2), text_kind=torch.zeros(2, dtype=torch.long))
+                  text_mask=torch.ones(2, 3, dtype=torch.bool), text_image=torch.arange(2),
+                  text_kind=torch.zeros(2, dtype=torch.long))
     nan = u.clone()
     nan[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="objective 'siglip'"):
-        Objectives({"siglip": 1.0})(ImageEnc(nan, nan[:, None], (1, 1)), TextEnc(u, u[:, None], torch.ones(2, 1, dtype=torch.bool)), b, torch.tensor(5.))
+        Objectives({"siglip": 1.0})(ImageEnc(nan, nan[:, None], (1, 1)),
+                                    TextEnc(u, u[:, None], torch.ones(2, 1, dtype=torch.bool)), b, torch.tensor(5.))
 
 
 def test_tcl_terms_reward_matching_views_and_own_tokens():
@@ -193,12 +205,15 @@ def test_tcl_terms_reward_matching_views_and_own_tokens():
     u, cap = _unit(B, D, seed=20), _unit(B, D, seed=21)
     def terms(img_m_embed, txt_m_embed, patches, words):
         c = _contrast(u, cap, torch.arange(B), torch.zeros(B, dtype=torch.long), img_tokens=patches, txt_tokens=words,
-                      img_m=ImageEnc(img_m_embed, patches, (4, 4)), txt_m=TextEnc(txt_m_embed, words, torch.ones(B, L, dtype=torch.bool)))
+                      img_m=ImageEnc(img_m_embed, patches, (4, 4)),
+                      txt_m=TextEnc(txt_m_embed, words, torch.ones(B, L, dtype=torch.bool)))
         obj = TclObjective(embed_dim=D, queue_size=4)
         with torch.no_grad():
             obj.image_queue.feats.copy_(-u)
             obj.text_queue.feats.copy_(-cap) # queues far from everything
         return obj(c, torch.tensor(20.))
-    same = terms(u, cap, u[:, None].expand(B, I, D), cap[:, None].expand(B, L, D)) # views agree, tokens are their global
-    other = terms(u[torch.tensor([1, 2, 3, 0])], cap[torch.tensor([3, 0, 1, 2])], _unit(B, I, D, seed=23), _unit(B, L, D, seed=24))
+    # views agree, tokens are their global
+    same = terms(u, cap, u[:, None].expand(B, I, D), cap[:, None].expand(B, L, D))
+    other = terms(u[torch.tensor([1, 2, 3, 0])], cap[torch.tensor([3, 0, 1, 2])], _unit(B, I, D, seed=23),
+                  _unit(B, L, D, seed=24))
     for k in ("tcl_imc", "tcl_lmi"): assert same[k] < 0.01 < other[k], k # (tcl_ita: test_official)

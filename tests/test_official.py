@@ -1,7 +1,8 @@
 """The rebuilt objectives against references written from the official code's equations, in the official code's own
 layouts: DreamLIP (`open_clip/loss.py`, `ClipLoss.forward` text-slot branch, `pairwise_circleloss`,
 `pairwise_contrastive_loss`) and TCL (`models/model_pretrain.py`, `ALBEF.forward`, `in_batch_g2l_loss`); values and
-gradients to 1e-5. Also: duplicate texts change only their own terms, the EMA update and the queue's FIFO order are exact."""
+gradients to 1e-5. Also: duplicate texts change only their own terms, the EMA update and the queue's FIFO order are
+exact."""
 import math
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from vlwb.core import ImageEnc, TextEnc, TextKind
-from vlwb.losses import Contrast, MultiPositiveObjective, GroupingObjective, TclObjective, ClipObjective, FeatureQueue
+from vlwb.contrast import Contrast
+from vlwb.losses import MultiPositiveObjective, GroupingObjective, TclObjective, ClipObjective, FeatureQueue
 
 
 def _unit(*shape, seed=0):
@@ -22,8 +24,9 @@ def _grads(loss, *xs):
 
 # ---- DreamLIP ------------------------------------------------------------------------------------------------------
 def dreamlip_reference(V, Tx, P, s, s_loc, gamma=32.0, margin=0.25, delta=-1.0):
-    """DreamLIP's loss terms in its own layout: V `[N,D]` images, Tx `[N,T,D]` text slots (slot 0 the caption), P `[N,M,D]`
-    patch tokens, s and s_loc the global and local logit scales. Returns (clip + declip, circle / 10, grouping)."""
+    """DreamLIP's loss terms in its own layout: V `[N,D]` images, Tx `[N,T,D]` text slots (slot 0 the caption),
+    P `[N,M,D]` patch tokens, s and s_loc the global and local logit scales. Returns (clip + declip, circle / 10,
+    grouping)."""
     N, T, D = Tx.shape
     X = Tx.transpose(0, 1).reshape(T * N, D) # slot-major, as the official code stacks its per-slot lists
     lab = torch.arange(N)
@@ -115,7 +118,8 @@ def g2l_reference(l, m, temp, mask=None):
 
 
 def tcl_reference(v, t, vm, tm, iq, tq, img_loc, txt_loc, txt_mask, temp, alpha):
-    "TCL's six contrastive terms averaged, as `ALBEF.forward` computes them (queues `[K,D]`, locals of the momentum model)."
+    """TCL's six contrastive terms averaged, as `ALBEF.forward` computes them (queues `[K,D]`, locals of the momentum
+    model)."""
     i_all, t_all = torch.cat([vm, iq]).T, torch.cat([tm, tq]).T
     N = len(v)
     y = torch.zeros(N, N + len(iq))
@@ -138,7 +142,8 @@ def test_tcl_equals_tcl(alpha, step):
     v, t = _unit(N, D, seed=1).requires_grad_(), _unit(N, D, seed=2).requires_grad_()
     vm, tm = _unit(N, D, seed=3), _unit(N, D, seed=4)
     patches_m, words_m = _unit(N, gh * gh, D, seed=5), _unit(N, L, D, seed=6)
-    words = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 1, 0, 0], [0, 1, 0, 0, 0], [0, 1, 1, 1, 0], [0, 1, 1, 0, 0], [0, 1, 1, 1, 0]]).bool()
+    words = torch.tensor([[0, 1, 1, 1, 0], [0, 1, 1, 0, 0], [0, 1, 0, 0, 0], [0, 1, 1, 1, 0], [0, 1, 1, 0, 0],
+                          [0, 1, 1, 1, 0]]).bool()
     mask = torch.ones(N, L, dtype=torch.bool)
     kind = torch.zeros(N, dtype=torch.long)
     obj = TclObjective(embed_dim=D, queue_size=K, alpha=alpha, alpha_warmup=4)
@@ -149,7 +154,8 @@ def test_tcl_equals_tcl(alpha, step):
                  img_m=ImageEnc(vm, patches_m, (gh, gh)), txt_m=TextEnc(tm, words_m, mask, words=words), step=step)
     out = obj(c, scale)
     total = out["tcl_ita"] + out["tcl_imc"] + out["tcl_lmi"]
-    img_loc = F.avg_pool2d(patches_m.reshape(N, gh, gh, D).permute(0, 3, 1, 2), gh // 4).flatten(2).transpose(1, 2) # TCL's patch_pooling
+    # TCL's patch_pooling
+    img_loc = F.avg_pool2d(patches_m.reshape(N, gh, gh, D).permute(0, 3, 1, 2), gh // 4).flatten(2).transpose(1, 2)
     ramp = alpha * min(1.0, step / 4)
     ref = tcl_reference(v, t, vm, tm, iq, tq, img_loc, words_m, words, 1 / scale, ramp)
     assert torch.allclose(total, ref, atol=1e-5), (total, ref)
@@ -186,7 +192,8 @@ def test_momentum_update_is_exact():
     from vlwb.train import VLModule
     m = VLModule("builtin:micro", objectives={"tcl": {"queue_size": 8}}, momentum=0.9)
     assert all(not p.requires_grad for p in m.momentum_model.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(m.momentum_model.parameters(), m.model.parameters())) # a copy to begin with
+    # a copy to begin with
+    assert all(torch.equal(a, b) for a, b in zip(m.momentum_model.parameters(), m.model.parameters()))
     before = [p.detach().clone() for p in m.momentum_model.parameters()]
     with torch.no_grad():
         for p in m.model.parameters(): p.add_(1.0)
@@ -230,15 +237,16 @@ def test_build_merges_identical_token_ids():
     k = c.text_key.tolist()
     assert k[0] == k[2] == k[3] != k[1]
     fn = c.false_negatives(torch.arange(4), torch.arange(4))
-    assert fn.tolist() == [[False, False, True, True], [False] * 4, [True, False, False, True], [True, False, True, False]]
+    assert fn.tolist() == [[False, False, True, True], [False] * 4, [True, False, False, True],
+                           [True, False, True, False]]
 
 
 def test_tcl_ablations_drop_their_term():
     N, D = 4, 8
     v, t = _unit(N, D, seed=1), _unit(N, D, seed=2)
     mask = torch.ones(N, 3, dtype=torch.bool)
-    c = Contrast(ImageEnc(v, _unit(N, 16, D, seed=3), (4, 4)), TextEnc(t, _unit(N, 3, D, seed=4), mask), torch.arange(N),
-                 torch.zeros(N, dtype=torch.long), slice(0, N), slice(0, N),
+    c = Contrast(ImageEnc(v, _unit(N, 16, D, seed=3), (4, 4)), TextEnc(t, _unit(N, 3, D, seed=4), mask),
+                 torch.arange(N), torch.zeros(N, dtype=torch.long), slice(0, N), slice(0, N),
                  img_m=ImageEnc(v, _unit(N, 16, D, seed=5), (4, 4)), txt_m=TextEnc(t, _unit(N, 3, D, seed=6), mask))
     def tcl(**kw):
         torch.manual_seed(0) # the same random queue to begin with
@@ -247,3 +255,61 @@ def test_tcl_ablations_drop_their_term():
     assert set(tcl(imc=False)) == {"tcl_ita", "tcl_lmi"}
     no_lmi = tcl(lmi=False)
     assert set(no_lmi) == {"tcl_ita", "tcl_imc"} and torch.allclose(no_lmi["tcl_ita"], full["tcl_ita"])
+
+
+# ---- STRUCTURE -----------------------------------------------------------------------------------------------------
+def structure_reference(original, aligned, levels, temperature, weighting, margin=0.0, eps=1e-12):
+    """`structure_reg` as `mlbio-epfl/STRUCTURE` writes it (`src/loss/clip_loss.py`): safe_normalize, then centre;
+    cosine / tau; row softmax; `torch.matrix_power` per level; `F.kl_div(log(P + eps), M + eps, "batchmean")` for
+    both sides, halved; relu(js - margin); weight 1 or 1/l; divided by the number of levels."""
+    def prep(x):
+        norms = x.norm(dim=-1)
+        if not torch.all((norms - 1).abs() < 1e-6): x = F.normalize(x, p=2, dim=-1, eps=1e-12)
+        return x - x.mean(dim=0, keepdim=True)
+    po = torch.softmax(prep(original) @ prep(original).T / temperature, dim=-1)
+    pa = torch.softmax(prep(aligned) @ prep(aligned).T / temperature, dim=-1)
+    total = 0.0
+    for level in range(1, levels + 1):
+        a, b = torch.matrix_power(po, level), torch.matrix_power(pa, level)
+        m = (a + b) / 2
+        js = 0.5 * (F.kl_div(torch.log(b + eps), m + eps, reduction="batchmean")
+                    + F.kl_div(torch.log(a + eps), m + eps, reduction="batchmean"))
+        js = F.relu(js - margin)
+        total = total + js * (1.0 if weighting == "none" else 1.0 / level)
+    return total / levels
+
+
+@pytest.mark.parametrize("levels,weighting,margin", [(1, "none", 0.0), (3, "inverse", 0.0), (2, "none", 0.05),
+                                                     (5, "inverse", 0.0)])
+def test_structure_reg_matches_the_official_code(levels, weighting, margin):
+    from vlwb.align import structure_reg
+    g = torch.Generator().manual_seed(levels)
+    frozen = torch.randn(48, 20, generator=g, dtype=torch.float64)
+    aligned = (frozen[:, :8] + 0.5 * torch.randn(48, 8, generator=g, dtype=torch.float64)).requires_grad_()
+    for tau in (0.05, 0.1, 0.5):
+        ours = structure_reg(frozen, aligned, temperature=tau, levels=levels, weighting=weighting, margin=margin)
+        ref = structure_reference(frozen, aligned, levels, tau, weighting, margin)
+        assert torch.allclose(ours.double(), ref, rtol=1e-5, atol=1e-7), (tau, float(ours), float(ref))
+        g_ours, g_ref = _grads(ours, aligned)[0], _grads(ref, aligned)[0]
+        assert torch.allclose(g_ours.double(), g_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_mutual_knn_matches_the_official_code():
+    """`AlignmentMetrics.mutual_knn` (`src/utils/metrics.py`): kNN from the argsort of the Gram matrix of
+    row-normalised features with the diagonal at -1e8, 0/1 masks, the mean of |A ∩ B| / k."""
+    from vlwb.align import mutual_knn, rice_k
+    def reference(a, b, k):
+        def knn(x):
+            gram = x @ x.T
+            gram.fill_diagonal_(-1e8)
+            return gram.argsort(dim=1, descending=True)[:, :k]
+        n = len(a)
+        ma = torch.zeros(n, n).scatter_(1, knn(F.normalize(a, dim=-1)), 1.0)
+        mb = torch.zeros(n, n).scatter_(1, knn(F.normalize(b, dim=-1)), 1.0)
+        return ((ma * mb).sum(1) / k).mean().item()
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 16, generator=g)
+    b = a[:, :6] @ torch.randn(6, 10, generator=g) + torch.randn(300, 10, generator=g)
+    for k in (5, rice_k(300), 40):
+        assert abs(mutual_knn(a, b, k) - reference(a, b, k)) < 1e-9
+    assert rice_k(5000) == 35 and rice_k(1000) == 20

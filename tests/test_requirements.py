@@ -26,11 +26,13 @@ def declared(key: str) -> dict[str, Requirement]:
 
 
 def imports(source: str) -> set[str]:
-    "Top-level names of the third-party modules `source` imports anywhere (functions too), except inside a `try` that catches ImportError."
+    """Top-level names of the third-party modules `source` imports anywhere (functions too), except inside a `try` that
+    catches ImportError."""
     tree = ast.parse(source)
     optional = set()
     for t in ast.walk(tree):
-        if isinstance(t, ast.Try) and any(isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+        if isinstance(t, ast.Try) and any(isinstance(h.type, ast.Name)
+                                          and h.type.id in ("ImportError", "ModuleNotFoundError")
                                           for h in t.handlers):
             optional |= {id(x) for b in t.body for x in ast.walk(b)}
     out = set()
@@ -68,11 +70,13 @@ def test_tests_and_notebooks_import_only_declared_packages():
     reqs = {**declared("requirements"), **declared("dev_requirements")}
     mods = set().union(*(imports(p.read_text()) for p in (ROOT / "tests").rglob("*.py")),
                        *(imports(notebook_code(p)) for p in (ROOT / "nbs").glob("*.ipynb")))
-    assert undeclared(mods, reqs) == [], "tests or notebooks import packages neither requirements nor the dev extra declare"
+    assert undeclared(mods, reqs) == [], \
+        "tests or notebooks import packages neither requirements nor the dev extra declare"
 
 
 def test_the_checker_catches_a_missing_requirement():
-    src = "import torch\ndef f():\n    import yaml, jsonargparse\ntry:\n    import umap\nexcept ImportError:\n    umap = None\n"
+    src = ("import torch\ndef f():\n    import yaml, jsonargparse\ntry:\n    import umap\nexcept ImportError:\n"
+           "    umap = None\n")
     assert imports(src) == {"torch", "yaml", "jsonargparse"} # lazy imports count, guarded optional ones do not
     assert undeclared({"torch", "yaml"}, {"torch": None}) == ["yaml (distribution PyYAML)"]
 
@@ -84,7 +88,8 @@ def test_lightning_cli_requirement_is_declared_and_met():
     ours = declared("requirements").get(norm(need.name))
     assert ours is not None, f"settings.ini does not declare {need}, which LightningCLI needs"
     assert need.extras <= ours.extras, f"settings.ini declares {ours}; LightningCLI needs the extras of {need}"
-    lowest = lambda r: max((Version(s.version) for s in r.specifier if s.operator in (">=", "==")), default=Version("0"))
+    lowest = lambda r: max((Version(s.version) for s in r.specifier if s.operator in (">=", "==")),
+                           default=Version("0"))
     assert lowest(ours) >= lowest(need), f"settings.ini allows {ours}; LightningCLI needs {need}"
     assert bool(cli_req), str(cli_req)
 

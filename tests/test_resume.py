@@ -1,4 +1,5 @@
-"`vlwb train`: presets run, bf16 works on the CPU, fp16 is refused, and a run killed mid-epoch resumes to the same weights."
+"""`vlwb train`: presets run, bf16 works on the CPU, fp16 is refused, and a run killed mid-epoch resumes to the same
+weights."""
 import os
 import shutil
 import signal
@@ -33,7 +34,8 @@ def test_killed_mid_epoch_resumes_to_identical_weights(tmp_path, world, preset):
     base = [preset, "--data.shapes", str(world)] + SMALL
     r = _train(*base, "--out", str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr[-3000:]
-    # the same run, killed (SIGKILL: no clean-up) as soon as its step-4 checkpoint exists: 4 of 6 steps into the first pass
+    # the same run, killed (SIGKILL: no clean-up) as soon as its step-4 checkpoint exists: 4 of 6 steps into the first
+    # pass
     b = tmp_path / "b"
     p = subprocess.Popen([shutil.which("vlwb"), "train", *base, "--out", str(b)], env=ENV, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
@@ -47,10 +49,13 @@ def test_killed_mid_epoch_resumes_to_identical_weights(tmp_path, world, preset):
     assert not (b / "resume" / "epoch=0-step=12.ckpt").exists()
     r = _train(*base, "--out", str(b), "--ckpt_path", str(ckpt))
     assert r.returncode == 0, r.stderr[-3000:]
-    wa, wb = load_file(tmp_path / "a" / "checkpoint" / "model.safetensors"), load_file(b / "checkpoint" / "model.safetensors")
-    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa), "resumed weights differ from the uninterrupted run"
+    wa, wb = (load_file(tmp_path / "a" / "checkpoint" / "model.safetensors"),
+              load_file(b / "checkpoint" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa), \
+        "resumed weights differ from the uninterrupted run"
     if preset == "tcl": # Lightning's last checkpoint holds the whole module: momentum model and queues identical too
-        sa, sb = (torch.load(d / "resume" / "epoch=0-step=12.ckpt", weights_only=True)["state_dict"] for d in (tmp_path / "a", b))
+        sa, sb = (torch.load(d / "resume" / "epoch=0-step=12.ckpt", weights_only=True)["state_dict"]
+                  for d in (tmp_path / "a", b))
         extra = [k for k in sa if k.startswith(("momentum_model.", "objectives.terms.tcl."))]
         assert any("queue.feats" in k for k in extra) and any(k.startswith("momentum_model.") for k in extra)
         assert all(torch.equal(sa[k], sb[k]) for k in extra), [k for k in extra if not torch.equal(sa[k], sb[k])]
@@ -64,7 +69,8 @@ def test_every_preset_trains(tmp_path, world, preset):
     r = _train(preset, "--data.shapes", str(world), "--out", str(tmp_path / preset), *SMALL, "--trainer.max_steps", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     header = (tmp_path / preset / "logs" / "metrics.csv").read_text().splitlines()[0]
-    term = {"siglip": "siglip", "filip": "filip", "dreamlip": "grouping", "tcl": "tcl_lmi", "negclip": "hardneg"}[preset]
+    term = {"siglip": "siglip", "filip": "filip", "dreamlip": "grouping", "tcl": "tcl_lmi",
+            "negclip": "hardneg"}[preset]
     assert f"train/{term}" in header
 
 
@@ -84,12 +90,14 @@ def test_bf16_mixed_trains_on_the_cpu(tmp_path, world):
 
 
 def test_fp16_on_the_cpu_is_refused_with_a_reason(tmp_path, world):
-    r = _train("clip", "--data.shapes", str(world), "--out", str(tmp_path / "f"), *SMALL, "--trainer.precision", "16-mixed")
+    r = _train("clip", "--data.shapes", str(world), "--out", str(tmp_path / "f"), *SMALL,
+               "--trainer.precision", "16-mixed")
     assert r.returncode != 0 and "bf16-mixed" in r.stderr and "CPU" in r.stderr
 
 
 def test_nan_stops_the_run_naming_step_and_objective_and_keeps_the_checkpoint(tmp_path, world):
-    "A learning rate of 1e9 blows the weights up: the run stops at the first non-finite loss; the last checkpoint is whole."
+    """A learning rate of 1e9 blows the weights up: the run stops at the first non-finite loss; the last checkpoint is
+    whole."""
     r = _train("clip", "--data.shapes", str(world), "--out", str(tmp_path / "n"), *SMALL, "--trainer.max_steps", "40",
                "--model.lr", "1e9", "--model.warmup_steps", "1", "--save_every", "1")
     assert r.returncode != 0

@@ -54,7 +54,8 @@ def test_masks_are_the_objects(records):
         for o in rec["objects"]:
             ys, xs = (labels == o["label"]).nonzero()
             x0, y0, x1, y1 = o["box"]
-            assert len(xs) > 15 and x0 - 1 <= xs.min() and xs.max() <= x1 + 1 and y0 - 1 <= ys.min() and ys.max() <= y1 + 1
+            assert len(xs) > 15 and x0 - 1 <= xs.min() and xs.max() <= x1 + 1 and y0 - 1 <= ys.min() and \
+                ys.max() <= y1 + 1
             mean = img[labels == o["label"]].mean(0) # the mask's pixels carry the object's colour (+-15 jitter)
             assert np.abs(mean - np.array(COLORS[o["color"]])).max() <= 16
 
@@ -64,7 +65,8 @@ def test_relations_follow_the_centres(records):
         for rel in r["relations"]:
             a, b = r["objects"][rel["subject"]]["center"], r["objects"][rel["object"]]["center"]
             dx, dy = a[0] - b[0], a[1] - b[1]
-            expect = ("to the left of" if dx < 0 else "to the right of") if abs(dx) >= abs(dy) else ("above" if dy < 0 else "below")
+            expect = ("to the left of" if dx < 0 else "to the right of") if abs(dx) >= abs(dy) else \
+                ("above" if dy < 0 else "below")
             assert rel["relation"] == expect
 
 
@@ -95,9 +97,11 @@ def test_splits_are_disjoint_and_deterministic(tmp_path):
     generate_shapes_world(tmp_path / "b", 30, 10, 20, seed=2, shard_size=16, workers=1, progress=False)
     digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
     files = lambda root: {p.relative_to(root).as_posix(): digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
-    assert files(tmp_path / "a") == files(tmp_path / "b") # byte-identical, PNGs and tar shards included, any worker count
+    # byte-identical, PNGs and tar shards included, any worker count
+    assert files(tmp_path / "a") == files(tmp_path / "b")
     pixels = {split: {digest(tmp_path / "a" / r["image"]) for r in read_records(a[split])} for split in a}
-    assert not (pixels["train"] & pixels["test"]) and not (pixels["train"] & pixels["val"]) and not (pixels["val"] & pixels["test"])
+    assert not (pixels["train"] & pixels["test"]) and not (pixels["train"] & pixels["val"]) and \
+        not (pixels["val"] & pixels["test"])
 
 
 def test_shards_hold_the_jsonl_samples(tmp_path):

@@ -25,7 +25,8 @@ def _write(folder, sizes):
 
 
 def _captions(ds, workers=0):
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=lambda it: it["captions"][0])
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+                                         collate_fn=lambda it: it["captions"][0])
     return list(loader)
 
 
@@ -46,7 +47,8 @@ def test_ranks_and_workers_partition_the_samples(tmp_path, sizes, world, workers
 
 def test_shuffle_buffer_is_seeded_and_loses_nothing(tmp_path):
     n = _write(tmp_path, [20, 20])
-    order = lambda seed: _captions(ShardedPairs(tmp_path, preprocess=8, shuffle_buffer=8, seed=seed, rank=0, world_size=1))
+    order = lambda seed: _captions(ShardedPairs(tmp_path, preprocess=8, shuffle_buffer=8, seed=seed, rank=0,
+                                                world_size=1))
     a, b, c = order(0), order(0), order(1)
     assert a == b and a != c and sorted(a) == sorted(c) == sorted(f"sample {i}" for i in range(n))
     assert a != sorted(a, key=lambda s: int(s.split()[1]))

@@ -1,5 +1,6 @@
-"""The study harness end to end on a micro grid (2 arms x 2 seeds x a few steps): tables, summary, paired differences and
-figures; finished runs skipped; a study killed in the middle of a run resumes that run, to the weights it would have had."""
+"""The study harness end to end on a micro grid (2 arms x 2 seeds x a few steps): tables, summary, paired differences
+and figures; finished runs skipped; a study killed in the middle of a run resumes that run, to the weights it would
+have had."""
 import os
 import signal
 import subprocess
@@ -29,17 +30,18 @@ def test_killed_study_resumes_and_matches_an_uninterrupted_one(tmp_path):
     ref = run_study(Study.from_dict(SPEC), tmp_path / "ref-runs", tmp_path / "ref-studies", progress=False)
     assert sorted(ref["did"].values()) == ["trained"] * 4
     # through the CLI, SIGKILLed (with its children) as soon as the first run has its step-2 checkpoint
-    p = _cli("study", str(spec), "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "studies"), "--no-progress",
-             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = _cli("study", str(spec), "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "studies"),
+             "--no-progress", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = run_dir(tmp_path / "runs" / "micro", "clip", 0)
     t0 = time.time()
-    while not (first / "resume" / "epoch=0-step=2.ckpt").exists() and p.poll() is None and time.time() - t0 < 300: time.sleep(0.01)
+    while not (first / "resume" / "epoch=0-step=2.ckpt").exists() and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.01)
     time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert not (first / "eval.json").exists(), "the first run finished before the study could be killed"
-    out = _cli("study", str(spec), "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "studies"), "--no-progress",
-               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = _cli("study", str(spec), "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "studies"),
+               "--no-progress", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = out.communicate(timeout=900)
     assert out.returncode == 0, stderr[-3000:]
     assert "study micro: 2 arms x 2 seeds" in stdout and "siglip - clip" in stdout, stdout
@@ -48,13 +50,16 @@ def test_killed_study_resumes_and_matches_an_uninterrupted_one(tmp_path):
         wa = load_file(run_dir(tmp_path / "ref-runs" / "micro", arm, seed) / "checkpoint" / "model.safetensors")
         wb = load_file(run_dir(tmp_path / "runs" / "micro", arm, seed) / "checkpoint" / "model.safetensors")
         assert all((wa[k] == wb[k]).all() for k in wa), (arm, seed)
-    a, b = read_csv(tmp_path / "ref-studies" / "micro" / "results.csv"), read_csv(tmp_path / "studies" / "micro" / "results.csv")
+    a, b = (read_csv(tmp_path / "ref-studies" / "micro" / "results.csv"),
+            read_csv(tmp_path / "studies" / "micro" / "results.csv"))
     key = lambda r: (r["arm"], r["seed"], r["metric"])
-    va, vb = {key(r): r["value"] for r in a if r["metric"] != "train_seconds"}, {key(r): r["value"] for r in b if r["metric"] != "train_seconds"}
+    va, vb = ({key(r): r["value"] for r in a if r["metric"] != "train_seconds"},
+              {key(r): r["value"] for r in b if r["metric"] != "train_seconds"})
     assert va == vb and len(va) >= 4 * 5
     # tables: one summary row per arm and metric over 2 seeds; paired rows for siglip only
     summary = read_csv(tmp_path / "studies" / "micro" / "summary.csv")
-    assert {(r["arm"], r["n"]) for r in summary if r["metric"] == "text_retrieval_recall@1"} == {("clip", 2), ("siglip", 2)}
+    assert {(r["arm"], r["n"]) for r in summary if r["metric"] == "text_retrieval_recall@1"} == \
+        {("clip", 2), ("siglip", 2)}
     paired = read_csv(tmp_path / "studies" / "micro" / "paired.csv")
     assert {r["arm"] for r in paired} == {"siglip"} and all(r["seeds"] == "0 1" for r in paired)
     curves = read_csv(tmp_path / "studies" / "micro" / "curves.csv")
@@ -63,19 +68,23 @@ def test_killed_study_resumes_and_matches_an_uninterrupted_one(tmp_path):
     again = run_study(Study.from_dict(SPEC), tmp_path / "runs", tmp_path / "studies", progress=False)
     assert set(again["did"].values()) == {"done"}
     # a task added to the spec: every run is evaluated again, none retrained, and the new metrics join the table
-    before = {arm: load_file(run_dir(tmp_path / "runs" / "micro", arm, 0) / "checkpoint" / "model.safetensors") for arm in ("clip", "siglip")}
-    more = run_study(Study.from_dict({**SPEC, "tasks": "zeroshot,retrieval,long"}), tmp_path / "runs", tmp_path / "studies", progress=False)
+    before = {arm: load_file(run_dir(tmp_path / "runs" / "micro", arm, 0) / "checkpoint" / "model.safetensors")
+              for arm in ("clip", "siglip")}
+    more = run_study(Study.from_dict({**SPEC, "tasks": "zeroshot,retrieval,long"}), tmp_path / "runs",
+                     tmp_path / "studies", progress=False)
     assert set(more["did"].values()) == {"re-evaluated"}
     for arm, w in before.items():
         after = load_file(run_dir(tmp_path / "runs" / "micro", arm, 0) / "checkpoint" / "model.safetensors")
         assert all((w[k] == after[k]).all() for k in w)
-    assert any(r["metric"] == "long_image_retrieval_recall@1" for r in read_csv(tmp_path / "studies" / "micro" / "results.csv"))
+    assert any(r["metric"] == "long_image_retrieval_recall@1"
+               for r in read_csv(tmp_path / "studies" / "micro" / "results.csv"))
 
 
 def test_paired_differences_pair_runs_by_seed():
     from vlwb.study import paired_differences
     rows = [{"study": "s", "arm": "a", "seed": s, "metric": "m", "value": v} for s, v in [(0, 1.0), (1, 5.0), (2, 3.0)]]
-    rows += [{"study": "s", "arm": "b", "seed": s, "metric": "m", "value": v} for s, v in [(2, 3.5), (0, 1.5), (1, 5.5), (7, 9.0)]]
+    rows += [{"study": "s", "arm": "b", "seed": s, "metric": "m", "value": v}
+             for s, v in [(2, 3.5), (0, 1.5), (1, 5.5), (7, 9.0)]]
     d = paired_differences(rows, "a")[0]
     assert d["seeds"] == "0 1 2" and d["n"] == 3 # seed 7 has no baseline run: left out
     assert abs(d["mean"] - 0.5) < 1e-12 and abs(d["std"]) < 1e-12 # paired by seed, the difference is exactly 0.5
@@ -94,4 +103,5 @@ def test_a_changed_study_never_reuses_old_runs(tmp_path):
     s = Study.from_dict(SPEC)
     d = run_dir(tmp_path, "clip", 0)
     write_json(d / "run.json", {"train": ["clip", "--trainer.max_steps", "999"], "tasks": s.tasks})
-    with pytest.raises(ValueError, match="was trained with other settings"): run_one(s, s.arms[0], 0, tmp_path, tmp_path / "world")
+    with pytest.raises(ValueError, match="was trained with other settings"):
+        run_one(s, s.arms[0], 0, tmp_path, tmp_path / "world")

@@ -58,7 +58,8 @@ def test_swaps_keep_the_words_and_change_the_text(caption):
 def test_swap_examples():
     neg = lambda c, k: [n["text"] for n in hard_negatives(c, [k], per_kind=5)]
     assert neg("A brown dog is chasing a white cat.", "swap_relation") == ["A white cat is chasing a brown dog."]
-    assert neg("a small red circle and a large blue square", "swap_attribute") == ["a large blue circle and a small red square"]
+    assert neg("a small red circle and a large blue square", "swap_attribute") == \
+        ["a large blue circle and a small red square"]
     assert neg("a horse below an astronaut", "swap_relation") == ["an astronaut below a horse"]
 
 
@@ -99,7 +100,8 @@ def test_negatives_never_replace_a_word_by_a_synonym_or_hypernym():
     for a, b in [("man", "person"), ("bike", "bicycle"), ("sofa", "couch"), ("puppy", "dog"), ("airplane", "plane"),
                  ("kitten", "cat"), ("woman", "lady"), ("small", "tiny"), ("large", "big")]:
         assert may_name_same(a, b) and may_name_same(b, a), (a, b)
-        texts = {n["text"] for n in hard_negatives(f"a {a} beside a red car", ["replace_object", "replace_attribute"], per_kind=200)}
+        texts = {n["text"] for n in hard_negatives(f"a {a} beside a red car", ["replace_object", "replace_attribute"],
+                                                   per_kind=200)}
         assert f"a {b} beside a red car" not in texts and texts, (a, b, texts)
     # real replacements still happen
     texts = {n["text"] for n in hard_negatives("a man beside a red car", ["replace_object"], per_kind=200)}

@@ -29,7 +29,8 @@ def test_overfits_eight_pairs(tmp_path):
 
 
 def test_same_seed_same_first_losses(tmp_path, world):
-    logs = [_fit(world["train"], tmp_path / f"run{i}", steps=3, model="builtin:micro", batch_size=16)[2] for i in range(2)]
+    logs = [_fit(world["train"], tmp_path / f"run{i}", steps=3, model="builtin:micro", batch_size=16)[2]
+            for i in range(2)]
     other = _fit(world["train"], tmp_path / "run_other", steps=3, model="builtin:micro", batch_size=16, seed=1)[2]
     a, b = (l["train/loss"].dropna().tolist() for l in logs)
     assert len(a) == 3 and a == b

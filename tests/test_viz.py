@@ -1,4 +1,5 @@
-"Figures show what they claim: trained FILIP words land on their objects, rollout rows are distributions, relevance follows gradients."
+"""Figures show what they claim: trained FILIP words land on their objects, rollout rows are distributions, relevance
+follows gradients."""
 import json
 
 import numpy as np
@@ -43,7 +44,8 @@ def test_filip_words_land_on_their_objects(filip_model):
     print(f"best patch inside the object's mask: colour words {rate['color']:.1%}, shape words {rate['shape']:.1%} "
           f"of {len(hits['color'])} objects; a random patch {np.mean(chance):.1%}")
     assert len(hits["color"]) >= 200
-    # measured: colour 78.9%, shape 66.0% (FILIP over word tokens only; with start and end tokens counted it was 83% / 82%)
+    # measured: colour 78.9%, shape 66.0% (FILIP over word tokens only; with start and end tokens counted it was
+    # 83% / 82%)
     assert rate["color"] > 0.7 and rate["shape"] > 0.6
     assert min(rate.values()) > 4 * np.mean(chance)
 
@@ -93,7 +95,8 @@ def test_relevance_is_zero_where_the_gradient_is_zero():
 
 
 def test_the_same_figures_for_every_backend(backends, open_clip_tiny):
-    "Alignment map, attention, rollout, gradient relevance and caption comparison for builtin, open_clip and hf CLIP/SigLIP."
+    """Alignment map, attention, rollout, gradient relevance and caption comparison for builtin, open_clip and hf
+    CLIP/SigLIP."""
     caption = "a red circle left of a blue square"
     for name, m in backends.items():
         x = interpret.prepare(m, "skimage:chelsea")
@@ -105,8 +108,8 @@ def test_the_same_figures_for_every_backend(backends, open_clip_tiny):
         assert ex["image_relevance"].abs().sum() > 0 and torch.isfinite(ex["image_relevance"]).all(), name
         assert (ex["image_relevance"] >= 0).all() and (ex["text_relevance"] >= 0).all(), name
         sc = viz.caption_scores(m, x, [caption, "a blue circle left of a red square"])
-        figs = [viz.alignment_figure(im, al, token=1), viz.explanation_figure(im, ex), viz.attention_grid_figure(im, ex),
-                viz.caption_comparison_figure({name: im}, {name: sc})]
+        figs = [viz.alignment_figure(im, al, token=1), viz.explanation_figure(im, ex),
+                viz.attention_grid_figure(im, ex), viz.caption_comparison_figure({name: im}, {name: sc})]
         for f in figs:
             json.loads(f.to_json()) # serialisable: what the browser gets
     # open_clip's recorded attention carries gradients: relevance is computed from them, not from zeros

@@ -13,35 +13,22 @@ import torch.nn.functional as F
 import plotly.graph_objects as go
 
 from .core import PairBatch, atomic_write, write_json
+from .train import matmul_rate, median_seconds
 
 # %% auto #0
-__all__ = ['matmul_rate', 'row', 'bench_train_step', 'bench_clip_loss', 'peak_rise', 'bench_filip', 'bench_attention',
-           'attention_models', 'bench_siglip_loss', 'bench_loader', 'bench_write', 'bench_scaling', 'scaling_figure',
-           'run_bench', 'met', 'format_bench', 'bench_figure', 'write_bench']
+__all__ = ['row', 'bench_train_step', 'bench_clip_loss', 'peak_rise', 'bench_filip', 'bench_attention', 'attention_models',
+           'bench_siglip_loss', 'bench_loader', 'bench_write', 'bench_scaling', 'scaling_figure', 'bench_zeroshot',
+           'bench_demo', 'bench_widgets', 'run_bench', 'met', 'format_bench', 'bench_figure', 'write_bench']
 
 # %% ../nbs/14_bench.ipynb #14-006
-def _median_seconds(fn, reps: int = 5, warmup: int = 1) -> float:
-    "Median wall time of `fn()` over `reps` calls after `warmup` calls."
-    for _ in range(warmup): fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
-
-def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5, device: str = "cpu") -> float:
-    "GFLOP/s of an `n x n` matrix product in `dtype`, measured now (the peer every compute figure is a fraction of)."
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    return 2 * n ** 3 / _median_seconds(lambda: (a @ b, sync()), reps) / 1e9
-
-def row(figure: str, vlwb: float, peer: float, unit: str, peer_name: str, target: Optional[str] = None, **extra) -> dict:
+def row(figure: str, vlwb: float, peer: float, unit: str, peer_name: str, target: Optional[str] = None,
+        **extra) -> dict:
     "One line of the table: vlwb's figure, its peer's, their ratio and the target it is held to."
     return {"figure": figure, "vlwb": vlwb, "peer": peer, "ratio": vlwb / peer if peer else float("nan"), "unit": unit,
             "peer_name": peer_name, "target": target, **extra}
 
-def bench_train_step(size: str = "tiny", batch: int = 128, precision: str = "fp32", device: str = "cpu", reps: int = 3) -> dict:
+def bench_train_step(size: str = "tiny", batch: int = 128, precision: str = "fp32", device: str = "cpu",
+                     reps: int = 3) -> dict:
     "One builtin training step (forward, `clip` loss, backward, AdamW) at `batch`: seconds and FLOPs counted by torch."
     from torch.utils.flop_counter import FlopCounterMode
     from vlwb.models import create_model
@@ -52,7 +39,8 @@ def bench_train_step(size: str = "tiny", batch: int = 128, precision: str = "fp3
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, model.image_size, model.image_size, device=device)
     ids, mask = model.tokenize([f"a red circle number {i}" for i in range(batch)])
-    batch_ = PairBatch(images=x, text_ids=ids.to(device), text_mask=mask.to(device), text_image=torch.arange(batch, device=device),
+    batch_ = PairBatch(images=x, text_ids=ids.to(device), text_mask=mask.to(device),
+                       text_image=torch.arange(batch, device=device),
                        text_kind=torch.zeros(batch, dtype=torch.long, device=device))
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
     def step():
@@ -63,10 +51,11 @@ def bench_train_step(size: str = "tiny", batch: int = 128, precision: str = "fp3
         opt.step()
         opt.zero_grad(set_to_none=True)
     with FlopCounterMode(display=False) as fc: step()
-    return {"seconds": _median_seconds(step, reps), "flops": fc.get_total_flops()}
+    return {"seconds": median_seconds(step, reps), "flops": fc.get_total_flops()}
 
 def bench_clip_loss(B: int = 1024, D: int = 512, reps: int = 5) -> tuple[float, float, float]:
-    "Seconds of `clip` forward + backward, of open_clip's `ClipLoss`, and the FLOPs of the products they need (one B x B x D forward, two backward)."
+    """Seconds of `clip` forward + backward, of open_clip's `ClipLoss`, and the FLOPs of the products they need
+    (one B x B x D forward, two backward)."""
     from open_clip.loss import ClipLoss
     from vlwb.losses import clip_loss
     g = torch.Generator().manual_seed(0)
@@ -77,10 +66,11 @@ def bench_clip_loss(B: int = 1024, D: int = 512, reps: int = 5) -> tuple[float, 
             u, v = u0.clone().requires_grad_(), v0.clone().requires_grad_()
             f(u, v, scale).backward()
         return go
-    return _median_seconds(run(clip_loss), reps), _median_seconds(run(ref), reps), 3 * 2 * B * B * D
+    return median_seconds(run(clip_loss), reps), median_seconds(run(ref), reps), 3 * 2 * B * B * D
 
 def peak_rise(fn) -> tuple[float, float]:
-    "Run `fn()` once: the rise of this process's resident memory above its level before (MB, sampled every 0.2 ms) and the seconds."
+    """Run `fn()` once: the rise of this process's resident memory above its level before (MB, sampled every 0.2 ms)
+    and the seconds."""
     import threading
     page = os.sysconf("SC_PAGE_SIZE")
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
@@ -100,7 +90,8 @@ def peak_rise(fn) -> tuple[float, float]:
     return (max(samples + [base]) - base) / 2 ** 20, seconds
 
 def _filip_child(kind: str, B: int, I: int, L: int, D: int) -> dict:
-    "In a fresh process: the resident-memory rise and the time of one `filip` forward + backward (chunked or all-pairs)."
+    """In a fresh process: the resident-memory rise and the time of one `filip` forward + backward
+    (chunked or all-pairs)."""
     from vlwb.losses import filip_similarity, filip_similarity_naive
     g = torch.Generator().manual_seed(0)
     x = F.normalize(torch.randn(B, I, D, generator=g), dim=-1).requires_grad_()
@@ -112,14 +103,16 @@ def _filip_child(kind: str, B: int, I: int, L: int, D: int) -> dict:
         a, b = f(x, y, mask)
         (a.sum() + b.sum()).backward()
     peak, _ = peak_rise(once)
-    return {"peak_mb": peak, "seconds": _median_seconds(once, 3, warmup=0)}
+    return {"peak_mb": peak, "seconds": median_seconds(once, 3, warmup=0)}
 
 def bench_filip(B: int = 128, I: int = 64, L: int = 32, D: int = 256) -> dict:
     "Chunked `filip` against the all-pairs einsum, each in a fresh process (so peak memory is its own)."
     out = {}
     for kind in ("chunked", "naive"):
-        code = f"import json; from vlwb.bench import _filip_child; print(json.dumps(_filip_child({kind!r}, {B}, {I}, {L}, {D})))"
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} # glibc returns large blocks at once: resident memory follows live tensors
+        code = (f"import json; from vlwb.bench import _filip_child; "
+                f"print(json.dumps(_filip_child({kind!r}, {B}, {I}, {L}, {D})))")
+        # glibc returns large blocks at once: resident memory follows live tensors
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         if r.returncode: raise RuntimeError(f"filip benchmark ({kind}) failed: {r.stderr[-2000:]}")
         out[kind] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -130,28 +123,34 @@ def bench_attention(model, batch: int = 64, reps: int = 5) -> tuple[float, float
     model = model.eval()
     x = torch.randn(batch, 3, model.image_size, model.image_size)
     with torch.no_grad():
-        return _median_seconds(lambda: model.encode_image(x, attn=True), reps), _median_seconds(lambda: model.encode_image(x), reps)
+        return (median_seconds(lambda: model.encode_image(x, attn=True), reps),
+                median_seconds(lambda: model.encode_image(x), reps))
 
 def attention_models(quick: bool) -> dict:
     "One model per backend for the attention row: builtin, an untrained open_clip ViT-B-32, a small transformers CLIP."
     from transformers import CLIPConfig
     from vlwb.models import create_model
     torch.manual_seed(0)
-    hf = CLIPConfig(text_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
-                    vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                                       image_size=96, patch_size=8), projection_dim=256).to_dict()
+    hf = CLIPConfig(text_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                     num_attention_heads=4),
+                    vision_config=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                                       num_attention_heads=4, image_size=96, patch_size=8),
+                    projection_dim=256).to_dict()
     return {"builtin:" + ("micro" if quick else "tiny"): create_model("builtin:" + ("micro" if quick else "tiny")),
-            "open_clip:ViT-B-32": create_model("open_clip:ViT-B-32"), "hf: CLIP, 4 layers, 96 px": create_model({"backend": "hf", "config": hf})}
+            "open_clip:ViT-B-32": create_model("open_clip:ViT-B-32"),
+            "hf: CLIP, 4 layers, 96 px": create_model({"backend": "hf", "config": hf})}
 
 def bench_siglip_loss(B: int = 1024, D: int = 512, reps: int = 5) -> tuple[float, float]:
-    "Seconds of the `siglip` objective (through `Objectives`, as training runs it) forward + backward, and of open_clip's `SigLipLoss`."
+    """Seconds of the `siglip` objective (through `Objectives`, as training runs it) forward + backward,
+    and of open_clip's `SigLipLoss`."""
     from open_clip.loss import SigLipLoss
     from vlwb.core import ImageEnc, TextEnc
     from vlwb.losses import Objectives
     g = torch.Generator().manual_seed(0)
     u0, v0 = F.normalize(torch.randn(B, D, generator=g), dim=-1), F.normalize(torch.randn(B, D, generator=g), dim=-1)
     obj, ref, scale = Objectives({"siglip": 1.0}), SigLipLoss(), torch.tensor(10.0)
-    batch = PairBatch(images=torch.zeros(B, 3, 1, 1), text_ids=torch.zeros(B, 1, dtype=torch.long), text_mask=torch.ones(B, 1, dtype=torch.bool),
+    batch = PairBatch(images=torch.zeros(B, 3, 1, 1), text_ids=torch.zeros(B, 1, dtype=torch.long),
+                      text_mask=torch.ones(B, 1, dtype=torch.bool),
                       text_image=torch.arange(B), text_kind=torch.zeros(B, dtype=torch.long))
     def ours():
         u, v = u0.clone().requires_grad_(), v0.clone().requires_grad_()
@@ -160,7 +159,7 @@ def bench_siglip_loss(B: int = 1024, D: int = 512, reps: int = 5) -> tuple[float
     def theirs():
         u, v = u0.clone().requires_grad_(), v0.clone().requires_grad_()
         ref(u, v, scale, bias).backward()
-    return _median_seconds(ours, reps), _median_seconds(theirs, reps)
+    return median_seconds(ours, reps), median_seconds(theirs, reps)
 
 # %% ../nbs/14_bench.ipynb #14-007b
 def bench_loader(size: str = "tiny", batch: int = 64, n_images: int = 512, batches: int = 6) -> tuple[float, float]:
@@ -181,7 +180,8 @@ def bench_loader(size: str = "tiny", batch: int = 64, n_images: int = 512, batch
     return loader, batch / step
 
 def bench_write(n: int = 1000, reps: int = 3) -> tuple[float, float]:
-    "Seconds to write a shard of `n` shapes-world samples with `encode_png`, and with Pillow's PNG writer (`compress_level=1`)."
+    """Seconds to write a shard of `n` shapes-world samples with `encode_png`, and with Pillow's PNG writer
+    (`compress_level=1`)."""
     import io, tempfile
     from PIL import Image
     from vlwb.images import encode_png
@@ -197,7 +197,7 @@ def bench_write(n: int = 1000, reps: int = 3) -> tuple[float, float]:
             with ShardWriter(Path(d) / "bench.tar") as w:
                 for i, (rec, img, labels) in enumerate(samples):
                     w.write(f"s{i:06d}", {"png": encode(img), "mask.png": encode(labels), "json": rec})
-        return _median_seconds(lambda: write(encode_png), reps), _median_seconds(lambda: write(pillow_png), reps)
+        return median_seconds(lambda: write(encode_png), reps), median_seconds(lambda: write(pillow_png), reps)
 
 def _scaling_child(kind: str, B: int) -> dict:
     "In a fresh process: the memory rise and time of one forward + backward of `clip` or chunked `filip` at batch `B`."
@@ -219,7 +219,8 @@ def bench_scaling(batches=(64, 128, 256, 512, 1024, 2048)) -> list[dict]:
     out = []
     for kind in ("clip", "filip"):
         for B in batches:
-            code = f"import json; from vlwb.bench import _scaling_child; print(json.dumps(_scaling_child({kind!r}, {B})))"
+            code = (f"import json; from vlwb.bench import _scaling_child; "
+                    f"print(json.dumps(_scaling_child({kind!r}, {B})))")
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
             if r.returncode: raise RuntimeError(f"scaling benchmark ({kind}, batch {B}) failed: {r.stderr[-2000:]}")
@@ -234,12 +235,145 @@ def scaling_figure(points: list[dict]) -> go.Figure:
     for k, kind in enumerate(dict.fromkeys(p["kind"] for p in points)):
         ps = [p for p in points if p["kind"] == kind]
         for col, key in ((1, "seconds"), (2, "peak_mb")):
-            fig.add_trace(go.Scatter(x=[p["batch"] for p in ps], y=[p[key] for p in ps], mode="lines+markers", name=kind,
-                                     line_color=colours[k % len(colours)], legendgroup=kind, showlegend=col == 1), row=1, col=col)
+            fig.add_trace(go.Scatter(x=[p["batch"] for p in ps], y=[p[key] for p in ps], mode="lines+markers",
+                                     name=kind, line_color=colours[k % len(colours)], legendgroup=kind,
+                                     showlegend=col == 1), row=1, col=col)
     fig.update_xaxes(type="log", title="batch size")
     fig.update_yaxes(type="log")
     fig.update_layout(title="scaling with batch size", width=900, height=380)
     return fig
+
+# %% ../nbs/14_bench.ipynb #14-007d
+class _AsOpenClip(torch.nn.Module):
+    "A `VLModel` as CLIP_benchmark expects a model: `encode_image(x)` and `encode_text(ids)` returning tensors."
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+    def encode_image(self, x): return self.model.encode_image(x).embed
+    def encode_text(self, ids_mask): return self.model.encode_text(ids_mask[:, 0], ids_mask[:, 1].bool()).embed
+
+class _Labelled(torch.utils.data.Dataset):
+    "`(image tensor, class)` pairs of an `ImageCaptionDataset`, as CLIP_benchmark's loaders yield them."
+    def __init__(self, ds, labels, classes):
+        self.ds, self.labels, self.classes = ds, labels, classes
+    def __len__(self): return len(self.ds)
+    def __getitem__(self, i): return self.ds[i]["image"], self.labels[i]
+
+def bench_zeroshot(n_test: int = 900, batch: int = 256, reps: int = 2,
+                   model: str = "builtin:tiny") -> Optional[tuple[float, float]]:
+    """Images per second of zero-shot shape + colour classification with vlwb's `evaluate` and with CLIP_benchmark's
+    pipeline, on the same model and single-object images (None where CLIP_benchmark is not installed)."""
+    import tempfile
+    try: from clip_benchmark.metrics import zeroshot_classification as cb
+    except ImportError: return None
+    from vlwb.eval import COLOR_TEMPLATES, SHAPE_TEMPLATES, evaluate
+    from vlwb.models import create_model
+    from vlwb.records import ImageCaptionDataset, read_records
+    from vlwb.shapes import COLORS, SHAPES, generate_shapes_world
+    torch.manual_seed(0)
+    m = create_model(model).eval()
+    with tempfile.TemporaryDirectory() as d:
+        test = generate_shapes_world(d, n_train=0, n_val=0, n_test=n_test, seed=0, progress=False, shard_size=0)["test"]
+        single = Path(d) / "single.jsonl"
+        single.write_text("".join(json.dumps(r) + "\n" for r in read_records(test) if len(r["objects"]) == 1))
+        ds = ImageCaptionDataset(single, m.preprocess, skip_bad=False)
+        n = len(ds)
+        def ours(): return evaluate(m, single, tasks=("zeroshot",), progress=False)
+        def theirs():
+            tok = lambda texts: torch.stack([t.long() for t in m.tokenize(texts)], 1) # ids and mask, as one tensor
+            out = {}
+            tasks = (("shape", SHAPES, SHAPE_TEMPLATES), ("color", list(COLORS), COLOR_TEMPLATES))
+            for attr, names, templates in tasks:
+                labels = [names.index(r["objects"][0][attr]) for r in ds.records]
+                loader = torch.utils.data.DataLoader(_Labelled(ds, labels, names), batch_size=batch)
+                # `evaluate`'s two stages (its metric code trips over numpy 2's scalar conversion)
+                weights = cb.zero_shot_classifier(_AsOpenClip(m), tok, names,
+                                                  [t.replace("{}", "{c}") for t in templates], "cpu", amp=False)
+                logits, target = cb.run_classification(_AsOpenClip(m), weights, loader, "cpu", amp=False)
+                out[attr] = (logits.argmax(1) == target).float().mean().item()
+            return out
+        a, b = ours(), theirs() # the two agree on what they measure
+        if abs(a["zeroshot_shape_acc1"] - b["shape"]) > 0.02: raise AssertionError(f"zero-shot differs: {a} {b}")
+        return n / median_seconds(ours, reps, 0), n / median_seconds(theirs, reps, 0)
+
+# %% ../nbs/14_bench.ipynb #14-007e
+def _p50_p95(v: list[float]) -> tuple[float, float]:
+    v = sorted(v)
+    return v[len(v) // 2], v[min(len(v) - 1, round(0.95 * (len(v) - 1)))]
+
+def bench_demo(n: int = 40, model: str = "builtin:tiny") -> dict:
+    """The demo's alignment-map request: p50/p95 milliseconds through HTTP (`gradio_client` against the running app),
+    and the same handler called in-process."""
+    import tempfile
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from gradio_client import Client, handle_file
+    from vlwb.demo import serve
+    from vlwb.models import create_model
+    from vlwb.records import read_records
+    from vlwb.shapes import generate_shapes_world
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as d:
+        test = generate_shapes_world(d, n_train=0, n_val=0, n_test=n, seed=0, progress=False, shard_size=0)["test"]
+        recs = read_records(test)
+        demo, app, url, _ = serve({"m": create_model(model).eval()}, gallery=test, block=False)
+        try:
+            client = Client(url, verbose=False)
+            paths = [os.path.join(d, r["image"]) for r in recs]
+            def request(p, caption):
+                t = time.perf_counter()
+                fig, note = client.predict(handle_file(p), caption, "1", "m", api_name="/alignment")
+                if fig["type"] != "plotly" or note.startswith("⚠"): raise AssertionError(f"demo answered: {note}")
+                return (time.perf_counter() - t) * 1e3
+            for p, r in zip(paths[:3], recs): request(p, r["captions"][0]) # warm-up
+            http, local = [], []
+            for p, r in zip(paths, recs):
+                http.append(request(p, r["captions"][0]))
+                t = time.perf_counter()
+                app.alignment(p, r["captions"][0], "1", "m")
+                local.append((time.perf_counter() - t) * 1e3)
+        finally:
+            demo.close()
+            app.close()
+    (h50, h95), (l50, l95) = _p50_p95(http), _p50_p95(local)
+    return {"http_p50_ms": h50, "http_p95_ms": h95, "local_p50_ms": l50, "local_p95_ms": l95}
+
+def bench_widgets(n: int = 12, model: str = "builtin:tiny") -> dict:
+    """The Explorer's redraws (new image, word, head, compared captions): p50/p95 milliseconds of the slowest kind, and
+    the model work alone (word-patch alignment and relevance) for the same image and caption."""
+    import tempfile
+    from vlwb import interpret
+    from vlwb.models import create_model
+    from vlwb.shapes import generate_shapes_world
+    from vlwb.widgets import Explorer
+    torch.manual_seed(0)
+    m = create_model(model).eval()
+    with tempfile.TemporaryDirectory() as d:
+        test = generate_shapes_world(d, n_train=0, n_val=0, n_test=n + 2, seed=0, progress=False, shard_size=0)["test"]
+        ex = Explorer({"m": m}, source=test)
+        kinds = {"image": [], "word": [], "head": [], "compare": []}
+        work = []
+        def timed(kind, change):
+            t = time.perf_counter()
+            change()
+            kinds[kind].append((time.perf_counter() - t) * 1e3)
+        for i in range(1, n + 1):
+            ex.w_tabs.selected_index = 0
+            timed("image", lambda: setattr(ex.w_image, "value", i))
+            timed("word", lambda: setattr(ex.w_token, "value", (ex.w_token.value + 1) % len(ex.w_token.options)))
+            ex.w_tabs.selected_index = 1
+            timed("head", lambda: setattr(ex.w_head, "value", (ex.w_head.value + 2) % 4 - 1))
+            ex.w_tabs.selected_index = 2
+            others = "\n".join(ex.entry["negatives"][:1 + i % 2]) # differs from the last, so it redraws
+            timed("compare", lambda: setattr(ex.w_others, "value", others))
+            x, caption = interpret.prepare(m, ex.entry["image"]), ex.w_caption.value
+            t = time.perf_counter()
+            interpret.word_patch_alignment(m, x, caption)
+            interpret.explain(m, x, caption)
+            work.append((time.perf_counter() - t) * 1e3)
+    slowest = max(kinds, key=lambda k: _p50_p95(kinds[k])[1])
+    (s50, s95), (w50, _) = _p50_p95(kinds[slowest]), _p50_p95(work)
+    return {"slowest": slowest, "p50_ms": s50, "p95_ms": s95, "model_work_p50_ms": w50,
+            **{f"{k}_p95_ms": _p50_p95(v)[1] for k, v in kinds.items()}}
 
 # %% ../nbs/14_bench.ipynb #14-009
 def run_bench(quick: bool = False, # smaller sizes and fewer repeats: a minute, for tests and a first look
@@ -271,16 +405,34 @@ def run_bench(quick: bool = False, # smaller sizes and fewer repeats: a minute, 
     rows.append(row("siglip objective fwd+bwd", ours, ref, "s", "open_clip SigLipLoss", "<= 1"))
     say("filip ...")
     f = bench_filip(*((32, 16, 16, 64) if quick else (128, 64, 32, 256)))
-    rows.append(row("filip fwd+bwd peak memory", f["chunked"]["peak_mb"], f["naive"]["peak_mb"], "MB", "all-pairs einsum", "<= 0.125"))
-    rows.append(row("filip fwd+bwd time", f["chunked"]["seconds"], f["naive"]["seconds"], "s", "all-pairs einsum", "<= 1"))
+    rows.append(row("filip fwd+bwd peak memory", f["chunked"]["peak_mb"], f["naive"]["peak_mb"], "MB",
+                    "all-pairs einsum", "<= 0.125"))
+    rows.append(row("filip fwd+bwd time", f["chunked"]["seconds"], f["naive"]["seconds"], "s", "all-pairs einsum",
+                    "<= 1"))
     say("attention capture ...")
     for name, model in attention_models(quick).items():
         small = not name.startswith("builtin")
-        with_attn, plain = bench_attention(model, (2 if quick else 8) if small else (16 if quick else 64), 2 if quick else 5)
+        with_attn, plain = bench_attention(model, (2 if quick else 8) if small else (16 if quick else 64),
+                                           2 if quick else 5)
         rows.append(row(f"attention capture ({name})", with_attn, plain, "s", "plain forward", "<= 1.3"))
     say("loader ...")
-    loader, consumed = bench_loader("micro" if quick else "tiny", 32 if quick else 64, 128 if quick else 512, 3 if quick else 6)
+    loader, consumed = bench_loader("micro" if quick else "tiny", 32 if quick else 64, 128 if quick else 512,
+                                    3 if quick else 6)
     rows.append(row("loader samples/s", loader, consumed, "samples/s", "training step consumption", ">= 1"))
+    say("zero-shot evaluation ...")
+    zs = bench_zeroshot(300 if quick else 900, reps=1 if quick else 2)
+    if zs: rows.append(row("zero-shot eval images/s", *zs, "images/s", "CLIP_benchmark zero-shot pipeline", ">= 1"))
+    else: say("  skipped: CLIP_benchmark is not installed (pip install clip-benchmark, or the dev extra)")
+    say("demo over HTTP ...")
+    dm = bench_demo(10 if quick else 40)
+    rows.append(row("demo alignment p95 (HTTP)", dm["http_p95_ms"], 300, "ms", "300 ms budget", "<= 1"))
+    rows.append(row("demo alignment p50 (HTTP)", dm["http_p50_ms"], dm["local_p50_ms"], "ms",
+                    "same handler in-process"))
+    say("widgets ...")
+    w = bench_widgets(4 if quick else 12)
+    rows.append(row(f"widget redraw p95 (slowest: {w['slowest']})", w["p95_ms"], 300, "ms", "300 ms budget", "<= 1"))
+    rows.append(row(f"widget redraw p50 ({w['slowest']})", w["p50_ms"], w["model_work_p50_ms"], "ms",
+                    "model work alone"))
     say("shard write ...")
     ours, pillow = bench_write(200 if quick else 1000, 2 if quick else 3)
     rows.append(row("shard write (PNG + tar)", ours, pillow, "s", "Pillow PNG (compress_level=1)", "<= 0.667"))
@@ -299,12 +451,13 @@ def format_bench(result: dict) -> str:
     "The table as text: figure, vlwb, peer, ratio, target."
     m = result["machine"]
     lines = [f"vlwb bench on {m['cpu']} ({m['device']}, {m['threads']} threads, torch {m['torch']}): matmul fp32 "
-             f"{m['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 {m['matmul_bf16_gflops']:.0f} GFLOP/s" + (" [quick]" if m["quick"] else ""),
+             f"{m['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 {m['matmul_bf16_gflops']:.0f} GFLOP/s"
+             + (" [quick]" if m["quick"] else ""),
              f"{'figure':<42} {'vlwb':>11} {'peer':>11}  {'ratio':>7}  {'target':>8}  peer"]
     for r in result["rows"]:
         ok = {True: "met", False: "MISSED", None: ""}[met(r)]
-        lines.append(f"{r['figure']:<42} {r['vlwb']:>11.4g} {r['peer']:>11.4g}  {r['ratio']:>7.3f}  {r['target'] or '':>8}  "
-                     f"{r['peer_name']} ({r['unit']}) {ok}")
+        lines.append(f"{r['figure']:<42} {r['vlwb']:>11.4g} {r['peer']:>11.4g}  {r['ratio']:>7.3f}  "
+                     f"{r['target'] or '':>8}  {r['peer_name']} ({r['unit']}) {ok}")
     return "\n".join(lines)
 
 def bench_figure(result: dict) -> go.Figure:
@@ -312,12 +465,14 @@ def bench_figure(result: dict) -> go.Figure:
     rows = result["rows"]
     names = [f"{r['figure']} / {r['peer_name']}" for r in rows]
     fig = go.Figure(go.Bar(x=[r["ratio"] for r in rows], y=names, orientation="h", name="vlwb / peer",
-                           marker_color=["#2a9d8f" if met(r) else "#e76f51" if met(r) is False else "#8d99ae" for r in rows]))
+                           marker_color=["#2a9d8f" if met(r) else "#e76f51" if met(r) is False else "#8d99ae"
+                                         for r in rows]))
     tx = [(float(r["target"].split()[1]), n) for r, n in zip(rows, names) if r.get("target")]
     fig.add_trace(go.Scatter(x=[t for t, _ in tx], y=[n for _, n in tx], mode="markers", marker_symbol="line-ns-open",
                              marker_size=18, marker_color="black", name="target"))
-    fig.update_layout(title="vlwb bench: ratios against peers, measured in one run", xaxis=dict(type="log", title="ratio"),
-                      width=900, height=120 + 34 * len(rows), margin=dict(l=10, r=10, t=60, b=40))
+    fig.update_layout(title="vlwb bench: ratios against peers, measured in one run",
+                      xaxis=dict(type="log", title="ratio"), width=900,
+                      height=120 + 34 * len(rows), margin=dict(l=10, r=10, t=60, b=40))
     return fig
 
 def write_bench(result: dict, out) -> dict:
@@ -325,6 +480,8 @@ def write_bench(result: dict, out) -> dict:
     out = Path(out)
     figs = [bench_figure(result)] + ([scaling_figure(result["scaling"])] if result.get("scaling") else [])
     page = "".join(f.to_html(include_plotlyjs=i == 0, full_html=False) for i, f in enumerate(figs))
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>vlwb bench</title></head><body>{page}</body></html>"
-    return {"json": write_json(out / "bench.json", result), "txt": atomic_write(out / "bench.txt", format_bench(result) + "\n"),
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>vlwb bench</title></head>"
+            f"<body>{page}</body></html>")
+    return {"json": write_json(out / "bench.json", result),
+            "txt": atomic_write(out / "bench.txt", format_bench(result) + "\n"),
             "html": atomic_write(out / "bench.html", page)}

@@ -25,7 +25,8 @@ __all__ = ['BUILTIN_SIZES', 'Attention', 'Block', 'Transformer', 'patch_stem', '
 def _cpu_bf16(x: torch.Tensor) -> bool:
     "Is this CPU work in bf16 (the tensor's dtype, or autocast's)? The fused attention's backward is slow there."
     if x.device.type != "cpu": return False
-    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
+                                         and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 class Attention(nn.Module):
     "Multi-head self-attention that can return its probabilities."
@@ -37,7 +38,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, # `[B,N,C]`
-                allow: Optional[torch.Tensor] = None, # bool, broadcastable to `[B,heads,N,N]`: True where a query may attend a key
+                allow: Optional[torch.Tensor] = None, # bool, broadcasts to `[B,heads,N,N]`: True = query may attend key
                 need_weights: bool = False, # also return the attention probabilities `[B,heads,N,N]`
                ):
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
@@ -78,7 +79,8 @@ class Transformer(nn.Module):
 
 # %% ../nbs/04b_builtin.ipynb #04-011
 def patch_stem(kind: str, patch_size: int, width: int) -> nn.Module:
-    "Map `[B,3,H,W]` pixels to `[B,width,H/p,W/p]` patch features: ViT's linear patchify or a stack of stride-2 3x3 convolutions."
+    """Map `[B,3,H,W]` pixels to `[B,width,H/p,W/p]` patch features: ViT's linear patchify or a stack of stride-2
+    3x3 convolutions."""
     if kind == "linear": return nn.Conv2d(3, width, patch_size, patch_size, bias=False)
     if kind != "conv": raise ValueError(f"unknown patch_stem {kind!r}; known: conv, linear")
     n = int(math.log2(patch_size))
@@ -96,7 +98,7 @@ class BuiltinConfig:
     "Hyper-parameters of the builtin dual encoder."
     image_size: int = 64 # input side in pixels
     patch_size: int = 8 # patch side; the grid is image_size // patch_size squared
-    patch_stem: str = "conv" # "conv": 3x3 stride-2 convolutions down to the patch grid (early convolutions); "linear": ViT's patchify
+    patch_stem: str = "conv" # "conv": 3x3 stride-2 convs to the patch grid (early convolutions); "linear": ViT patchify
     vision_width: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
@@ -111,22 +113,25 @@ class BuiltinConfig:
     vocab_size: int = 49408 # open_clip's BPE vocabulary
 
 BUILTIN_SIZES = {
-    "micro": dict(vision_width=64, vision_layers=2, vision_heads=2, text_width=64, text_layers=2, text_heads=2, embed_dim=64),
+    "micro": dict(vision_width=64, vision_layers=2, vision_heads=2, text_width=64, text_layers=2, text_heads=2,
+                  embed_dim=64),
     "tiny": dict(),
-    "small": dict(vision_width=256, vision_layers=6, vision_heads=8, text_width=256, text_layers=4, text_heads=8, embed_dim=256,
-                  mlp_ratio=4.0),
+    "small": dict(vision_width=256, vision_layers=6, vision_heads=8, text_width=256, text_layers=4, text_heads=8,
+                  embed_dim=256, mlp_ratio=4.0),
 }
 
 # %% ../nbs/04b_builtin.ipynb #04-015
 @BACKENDS.register("builtin")
 class BuiltinCLIP(VLModel):
-    "The builtin dual encoder: a tiny ViT and a text transformer with explicit attention (CLIP architecture in miniature)."
+    """The builtin dual encoder: a tiny ViT and a text transformer with explicit attention (CLIP architecture in
+    miniature)."""
     backend = "builtin"
     lora_targets = ("qkv", "attn.proj")
     def __init__(self, config: BuiltinConfig = BuiltinConfig()):
         super().__init__()
         c = self.config = config
-        if c.image_size % c.patch_size: raise ValueError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
+        if c.image_size % c.patch_size:
+            raise ValueError(f"image_size {c.image_size} is not a multiple of patch_size {c.patch_size}")
         self.grid = (c.image_size // c.patch_size,) * 2
         n = self.grid[0] * self.grid[1]
         # image tower
@@ -148,7 +153,8 @@ class BuiltinCLIP(VLModel):
         self.init_weights()
 
     def init_weights(self):
-        "CLIP's initialisation: attention std width^-1/2, residual outputs scaled down by (2 * layers)^-1/2, projections width^-1/2."
+        """CLIP's initialisation: attention std width^-1/2, residual outputs scaled down by (2 * layers)^-1/2,
+        projections width^-1/2."""
         c = self.config
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.vision_pos, std=c.vision_width ** -0.5)
@@ -173,7 +179,8 @@ class BuiltinCLIP(VLModel):
     def from_name(cls, name: str = "tiny", **overrides) -> "BuiltinCLIP":
         "`micro`, `tiny` (the default) or `small`, with `BuiltinConfig` fields overridden."
         name = name or "tiny"
-        if name not in BUILTIN_SIZES: raise KeyError(f"unknown builtin size {name!r}; known: {', '.join(BUILTIN_SIZES)}")
+        if name not in BUILTIN_SIZES:
+            raise KeyError(f"unknown builtin size {name!r}; known: {', '.join(BUILTIN_SIZES)}")
         return cls(BuiltinConfig(**{**BUILTIN_SIZES[name], **overrides}))
 
     def encode_image(self, images: torch.Tensor, # `[B,3,H,W]` normalised pixels
@@ -181,7 +188,8 @@ class BuiltinCLIP(VLModel):
                     ) -> ImageEnc:
         "Pooled embedding (class token), projected patch tokens and their grid."
         if images.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(f"builtin model expects {self.image_size}x{self.image_size} images, got {tuple(images.shape[-2:])}")
+            raise ValueError(f"builtin model expects {self.image_size}x{self.image_size} images, "
+                             f"got {tuple(images.shape[-2:])}")
         x = rearrange(self.patch_embed(images), "b c h w -> b (h w) c")
         x = torch.cat([self.class_embedding.expand(len(x), 1, -1), x], 1) + self.vision_pos
         x, maps = self.visual(self.vision_norm_pre(x), need_weights=attn)
@@ -195,7 +203,8 @@ class BuiltinCLIP(VLModel):
         "Pooled embedding (end-of-text token), projected token features and the mask."
         ids, mask = self._ids(texts, mask)
         L = ids.shape[1]
-        if L > self.config.context_length: raise ValueError(f"{L} tokens exceed the context length {self.config.context_length}")
+        if L > self.config.context_length:
+            raise ValueError(f"{L} tokens exceed the context length {self.config.context_length}")
         x = self.token_embedding(ids) + self.text_pos[:L]
         allow = mask[:, None, None, :]  # never attend padding
         if self.config.causal_text: allow = allow & torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()

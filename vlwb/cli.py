@@ -13,21 +13,29 @@ __all__ = ['main']
 # %% ../nbs/12_cli.ipynb #12-005
 def _report(out, m: dict) -> str:
     return "\n".join([
-        f"vlwb quickstart: trained {m['model']} with clip for {m['steps']} steps in {m['seconds']:.0f} s.",
+        f"vlwb quickstart: trained {m['model']} with clip for {m['steps']} steps in {m['seconds']:.0f} s "
+        f"({m.get('train_seconds', 0):.0f} s of training, precision {m.get('precision', '32-true')}"
+        + (f": bf16 matmuls ran {m['matmul_bf16_gflops'] / m['matmul_fp32_gflops']:.1f}x fp32 here)."
+           if m.get("matmul_fp32_gflops") else ")."),
         f"Held-out shapes world ({m['n_images']} images; {m['n_zeroshot_images']} single-object for zero-shot):",
         f"  zero-shot shape top-1  {m['zeroshot_shape_top1']:6.1%}   (chance {m['zeroshot_shape_chance']:.1%})",
         f"  zero-shot colour top-1 {m['zeroshot_color_top1']:6.1%}   (chance {m['zeroshot_color_chance']:.1%})",
         f"  image->text R@1        {m['i2t_r1']:6.1%}   (R@5 {m['i2t_r5']:.1%}; chance {m['retrieval_chance_r1']:.2%})",
         f"  text->image R@1        {m['t2i_r1']:6.1%}   (R@5 {m['t2i_r5']:.1%})",
-        f"Wrote {out}/: checkpoint/ (load with vlwb.load('{out}/checkpoint')), metrics.json, logs/metrics.csv, shapes/.",
-        f"Look at it: vlwb report {out} (one HTML page: curves, word maps, attention), vlwb demo --model {out}/checkpoint (a Gradio",
-        "app), or the Explorer in nbs/09_widgets.ipynb. Train your own: nbs/06_train.ipynb; measure it: nbs/07_eval.ipynb."])
+        f"Wrote {out}/: checkpoint/ (load with vlwb.load('{out}/checkpoint')), metrics.json, "
+        "logs/metrics.csv, shapes/.",
+        "Look at it:",
+        f"  vlwb report {out}                      one HTML page: curves, word maps, attention",
+        f"  vlwb demo --model {out}/checkpoint     a Gradio app: word-patch maps, caption ranking (--share for a link)",
+        "  the Explorer in nbs/09_widgets.ipynb    every word's patches, every head's attention, in JupyterLab",
+        "Train your own: nbs/06_train.ipynb; measure it: nbs/07_eval.ipynb."])
 
 # %% ../nbs/12_cli.ipynb #12-006
 def main(argv=None):
     "The `vlwb` console script."
     from vlwb import __version__
-    p = argparse.ArgumentParser(prog="vlwb", description="vlwb: a notebook-first workbench for vision-language alignment research")
+    p = argparse.ArgumentParser(prog="vlwb",
+                                description="vlwb: a notebook-first workbench for vision-language alignment research")
     p.add_argument("--version", action="version", version=f"vlwb {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quickstart", help="generate the shapes world, train the builtin model with clip, evaluate it")
@@ -35,10 +43,12 @@ def main(argv=None):
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--n-train", type=int, default=4000, help="training images")
     q.add_argument("--n-test", type=int, default=900, help="held-out images")
-    q.add_argument("--steps", type=int, default=480, help="optimiser steps")
+    q.add_argument("--steps", type=int, default=1000, help="optimiser steps")
     q.add_argument("--batch-size", type=int, default=128)
     q.add_argument("--lr", type=float, default=1e-3)
     q.add_argument("--model", default="builtin:tiny", help="model to train, e.g. builtin:tiny or builtin:micro")
+    q.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
+                   help="auto (default): bf16-mixed where this CPU's bf16 matmuls run 1.6x fp32, measured at start")
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
     s = sub.add_parser("shapes", help="write a shapes world (PNG + masks + JSONL per split, and tar shards)")
     s.add_argument("out", help="folder to write into")
@@ -50,23 +60,35 @@ def main(argv=None):
     s.add_argument("--max-objects", type=int, default=4, help="objects per image: 1..max")
     s.add_argument("--shard-size", type=int, default=1000, help="samples per WebDataset shard (0: no shards)")
     s.add_argument("--workers", type=int, default=None, help="processes (default: the CPU count)")
-    sub.add_parser("train", help="train with LightningCLI: vlwb train --config vlwb/configs/clip.yaml [--flags] (see vlwb train --help)",
+    sub.add_parser("train", help="train with LightningCLI: vlwb train --config vlwb/configs/clip.yaml [--flags] "
+                                 "(see vlwb train --help)",
                    add_help=False)
-    e = sub.add_parser("eval", help="evaluate a model: zero-shot, retrieval, compositional probes, pointing game, geometry")
-    e.add_argument("--model", default="runs/quickstart/checkpoint", help="a model name or a saved model (default: the quick start's)")
-    e.add_argument("--data", default="runs/quickstart/shapes/test.jsonl", help="a split with captions (shapes world splits have every field)")
-    e.add_argument("--tasks", default="all", help="comma-separated: zeroshot,retrieval,compositional,winoground,pointing,geometry")
+    e = sub.add_parser("eval",
+                       help="evaluate a model: zero-shot, retrieval, compositional probes, pointing game, geometry")
+    e.add_argument("--model", default="runs/quickstart/checkpoint",
+                   help="a model name or a saved model (default: the quick start's)")
+    e.add_argument("--data", default="runs/quickstart/shapes/test.jsonl",
+                   help="a split with captions (shapes world splits have every field)")
+    e.add_argument("--tasks", default="all",
+                   help="comma-separated: zeroshot,retrieval,compositional,winoground,pointing,geometry")
     e.add_argument("--out", default=None, help="write the results here as JSON (CLIP_benchmark's layout)")
-    r = sub.add_parser("report", help="one self-contained HTML page of a run's figures (curves, metrics, word maps, attention)")
+    r = sub.add_parser("report",
+                       help="one self-contained HTML page of a run's figures (curves, metrics, word maps, attention)")
     r.add_argument("run_dir", help="a run folder with checkpoint/ (e.g. runs/quickstart)")
     r.add_argument("--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
-    r.add_argument("--data", default=None, help="records to draw test images from (default: the run's shapes test split)")
-    r.add_argument("--n-images", type=int, default=4, help="test images with word maps, attention and caption comparison")
-    g = sub.add_parser("demo", help="a Gradio app: zero-shot, retrieval, word-patch alignment, attention, caption comparison")
+    r.add_argument("--data", default=None,
+                   help="records to draw test images from (default: the run's shapes test split)")
+    r.add_argument("--n-images", type=int, default=4,
+                   help="test images with word maps, attention and caption comparison")
+    g = sub.add_parser("demo",
+                       help="a Gradio app: zero-shot, retrieval, word-patch alignment, attention, caption comparison")
     g.add_argument("--model", action="append", default=None,
-                   help="a model name or a saved model; twice to compare two models (default: the quick start's, trained if absent)")
-    g.add_argument("--gallery", default=None, help="retrieval gallery: records or an image folder (default: the quick start's test split)")
-    g.add_argument("--share", action="store_true", help="ask Gradio for a public link (keeps serving locally if that fails)")
+                   help="a model name or a saved model; twice to compare two models "
+                        "(default: the quick start's, trained if absent)")
+    g.add_argument("--gallery", default=None,
+                   help="retrieval gallery: records or an image folder (default: the quick start's test split)")
+    g.add_argument("--share", action="store_true",
+                   help="ask Gradio for a public link (keeps serving locally if that fails)")
     g.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     st = sub.add_parser("study", help="arms x seeds at one budget: train, evaluate, tables with intervals and verdicts")
@@ -77,7 +99,8 @@ def main(argv=None):
     st.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     b = sub.add_parser("bench", help="every speed and memory figure beside its peer, as ratios measured in one run")
     b.add_argument("--quick", action="store_true", help="small sizes and few repeats (about a minute)")
-    b.add_argument("--out", default="runs/bench", help="where bench.json, bench.txt and bench.html go (default: runs/bench)")
+    b.add_argument("--out", default="runs/bench",
+                   help="where bench.json, bench.txt and bench.html go (default: runs/bench)")
     b.add_argument("--device", default="cpu", help="cpu or cuda")
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -93,7 +116,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.command == "quickstart":
         from vlwb.recipes import quickstart
-        m = quickstart(a.out, a.seed, a.n_train, a.n_test, a.steps, a.batch_size, a.lr, a.model, progress=not a.no_progress)
+        m = quickstart(a.out, a.seed, a.n_train, a.n_test, a.steps, a.batch_size, a.lr, a.model,
+                       progress=not a.no_progress, precision=a.precision)
         print(_report(a.out, m))
     elif a.command == "shapes":
         from vlwb.shapes import generate_shapes_world
@@ -106,7 +130,8 @@ def main(argv=None):
         tasks = TASKS if a.tasks == "all" else tuple(t.strip() for t in a.tasks.split(","))
         m = evaluate(model_from(a.model), a.data, tasks)
         width = max(map(len, m))
-        print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in m.items()))
+        print("\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                        for k, v in m.items()))
         if a.out: print(f"wrote {write_results(a.out, m, a.model, a.data)}")
     elif a.command == "report":
         from vlwb.report import write_report
@@ -116,7 +141,8 @@ def main(argv=None):
         from vlwb.models import model_from
         from vlwb.recipes import default_model
         models = {spec: model_from(spec) for spec in a.model} if a.model else {"quickstart": default_model()}
-        gallery = a.gallery or ("runs/quickstart/shapes/test.jsonl" if Path("runs/quickstart/shapes/test.jsonl").exists() else None)
+        gallery = a.gallery or ("runs/quickstart/shapes/test.jsonl"
+                                if Path("runs/quickstart/shapes/test.jsonl").exists() else None)
         serve(models, gallery, share=a.share, host=a.host, port=a.port)
     elif a.command == "study":
         from vlwb.study import Study, run_study, study_report

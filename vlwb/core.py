@@ -66,7 +66,8 @@ class PairBatch:
 
     def __post_init__(self):
         B, T = len(self.images), len(self.text_ids)
-        if self.images.ndim != 4: raise ValueError(f"PairBatch.images must be [B,3,H,W], got {tuple(self.images.shape)}")
+        if self.images.ndim != 4:
+            raise ValueError(f"PairBatch.images must be [B,3,H,W], got {tuple(self.images.shape)}")
         for name in ("text_mask", "text_image", "text_kind"):
             if len(getattr(self, name)) != T:
                 raise ValueError(f"PairBatch.{name} has {len(getattr(self, name))} rows for {T} texts")
@@ -87,7 +88,8 @@ class PairBatch:
         "For each image, the index of its first text of kind caption; raises if an image has none."
         idx = first_of_kind(self.text_image, self.text_kind, self.n_images)
         if (idx < 0).any():
-            raise ValueError(f"images {(idx < 0).nonzero().flatten().tolist()} have no text of kind caption in this batch")
+            raise ValueError(f"images {(idx < 0).nonzero().flatten().tolist()} have no text of kind caption "
+                             "in this batch")
         return idx
 
 # %% ../nbs/00_core.ipynb #00-012
@@ -98,6 +100,7 @@ class ImageEnc:
     tokens: torch.Tensor # `[B,N,D]` patch tokens projected to the joint space, L2-normalised
     grid: tuple # `(h, w)` with `h*w == N`, patches in row-major order
     attn: Optional[list] = None # per layer `[B,heads,N+1,N+1]` attention probabilities, class token first
+    features: Optional[torch.Tensor] = None # `[B,F]` the frozen encoder's pooled features the head maps (towers)
 
     def __post_init__(self):
         if self.tokens.shape[1] != self.grid[0] * self.grid[1]:
@@ -110,7 +113,8 @@ class TextEnc:
     tokens: torch.Tensor # `[T,L,D]` token features projected to the joint space, L2-normalised
     mask: torch.Tensor # `[T,L]` True on real (non-padding) tokens
     attn: Optional[list] = None # per layer `[T,heads,L,L]` attention probabilities
-    words: Optional[torch.Tensor] = None # `[T,L]` True on word tokens: real and not special (start, end); the model says which
+    words: Optional[torch.Tensor] = None # `[T,L]` True on word tokens: real, not special (start/end); the model decides
+    features: Optional[torch.Tensor] = None # `[T,F]` the frozen encoder's pooled features the head maps (towers)
 
     @property
     def word_mask(self) -> torch.Tensor:
@@ -128,7 +132,8 @@ class Registry(dict):
         "Decorator: register the decorated class or function as `name`."
         def deco(obj):
             old = self.get(name)
-            # the same definition again (a notebook cell re-run, a notebook defining what its module already registered) replaces it
+            # the same definition again (a notebook cell re-run, a notebook defining what its module already
+            # registered) replaces it
             if old is not None and getattr(old, "__qualname__", None) != getattr(obj, "__qualname__", object()):
                 raise KeyError(f"{self.kind} {name!r} is registered twice ({old.__qualname__} and {obj.__qualname__})")
             self[name] = obj
@@ -184,7 +189,8 @@ class UnsafeCheckpointError(ValueError):
     "Raised for a checkpoint vlwb will not load because loading it would unpickle code."
 
 def refuse_pickle(path):
-    "Raise `UnsafeCheckpointError` if the file at `path` is a pickle or a `torch.save` zip archive rather than safetensors."
+    """Raise `UnsafeCheckpointError` if the file at `path` is a pickle or a `torch.save` zip archive rather
+    than safetensors."""
     with open(path, "rb") as f: head = f.read(9)
     # safetensors: an 8-byte little-endian header length, then the JSON header
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path): return

@@ -26,18 +26,21 @@ __all__ = ['log', 'PairCollate', 'is_shards', 'open_pairs', 'StreamSampler', 'Re
 
 # %% ../nbs/02d_data.ipynb #02-021
 class PairCollate:
-    "Collate dataset items into a `PairBatch`: a caption per image, optional sub-captions and hard negatives, tokenised."
+    """Collate dataset items into a `PairBatch`: a caption per image, optional sub-captions and hard negatives,
+    tokenised."""
     def __init__(self, tokenizer: TextTokenizer, # the model's tokenizer: texts to ids and masks
                  train: bool = True, # sample captions at random (True) or take the first ones (False)
-                 n_subcaptions: int = 0, # sub-captions per image, from its `long` caption (or its captions when it has none)
+                 n_subcaptions: int = 0, # sub-captions per image, from its `long` caption, else its captions
                  merge: int = 1, # a sub-caption may join up to this many neighbouring sentences
                  n_negatives: int = 0, # hard negatives per image (those it has, up to this many)
                  seed: Optional[int] = None, # seeds the sampling (default: Python's global random state)
                  negatives_from_caption: bool = False, # negatives are edits of the caption drawn this step (NegCLIP)
                 ):
-        self.tokenizer, self.train, self.n_sub, self.merge, self.n_neg = tokenizer, train, n_subcaptions, merge, n_negatives
+        self.tokenizer, self.train, self.n_sub, self.merge, self.n_neg = (tokenizer, train, n_subcaptions, merge,
+                                                                          n_negatives)
         self.from_caption = negatives_from_caption
-        self.rand = random.Random(seed) if seed is not None else None # None: Python's global state (picklable for workers)
+        # None: Python's global state (picklable for workers)
+        self.rand = random.Random(seed) if seed is not None else None
 
     def __call__(self, items: Sequence[Optional[dict]]) -> Optional[PairBatch]:
         if any(isinstance(it, tuple) for it in items): # (item, its neighbour) pairs: anchors first, then neighbours
@@ -52,7 +55,8 @@ class PairCollate:
         for i, it in enumerate(items):
             if self.n_sub:
                 src = it["meta"].get("long") or it["captions"]
-                fixed = random.Random(str(src)) # evaluation: the same sub-captions for a record wherever it sits in a batch
+                # evaluation: the same sub-captions for a record wherever it sits in a batch
+                fixed = random.Random(str(src))
                 subs = sample_subcaptions(src, self.n_sub, rands[i] if self.train else fixed, self.merge)
                 texts += subs
                 image_of += [i] * len(subs)
@@ -83,9 +87,11 @@ def is_shards(path) -> bool:
     p = Path(s)
     return p.is_dir() and any(p.glob("*.tar")) and not any(q.suffix.lower() in IMAGE_EXTENSIONS for q in p.iterdir())
 
-def open_pairs(path, preprocess: Preprocess | int = 64, shuffle_buffer: int = 0, seed: int = 0, masks: bool = True, **kw):
+def open_pairs(path, preprocess: Preprocess | int = 64, shuffle_buffer: int = 0, seed: int = 0, masks: bool = True,
+               **kw):
     "The dataset of any pair source: shards -> `ShardedPairs`, a file or image folder -> `ImageCaptionDataset`."
-    if is_shards(path): return ShardedPairs(path, preprocess, shuffle_buffer=shuffle_buffer, seed=seed, masks=masks, **kw)
+    if is_shards(path):
+        return ShardedPairs(path, preprocess, shuffle_buffer=shuffle_buffer, seed=seed, masks=masks, **kw)
     return ImageCaptionDataset(path, preprocess, masks=masks, **kw)
 
 # %% ../nbs/02d_data.ipynb #02-025
@@ -97,9 +103,11 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 class StreamSampler(DistributedSampler):
-    "Endless dataset indices, each epoch in a seeded order, with a per-sample `draw` seed; split over DDP ranks; starts at any position."
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True): # (a DistributedSampler so Lightning does not wrap it)
-        self.n, self.seed, self.shuffle, self.start = n, seed, shuffle, 0 # start: global position (all ranks) to begin at
+    """Endless dataset indices, each epoch in a seeded order, with a per-sample `draw` seed; split over DDP ranks;
+    starts at any position."""
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True): # (a DistributedSampler so Lightning won't wrap it)
+        # start: global position (all ranks) to begin at
+        self.n, self.seed, self.shuffle, self.start = n, seed, shuffle, 0
 
     def set_epoch(self, epoch: int): pass # epochs are positions in the stream
 
@@ -108,7 +116,8 @@ class StreamSampler(DistributedSampler):
     def order(self, epoch: int) -> list[int]:
         "The dataset order of `epoch`."
         if not self.shuffle: return list(range(self.n))
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(hash((self.seed, epoch)) & 0x7FFFFFFF)).tolist()
+        return torch.randperm(self.n,
+                              generator=torch.Generator().manual_seed(hash((self.seed, epoch)) & 0x7FFFFFFF)).tolist()
 
     def __iter__(self):
         rank, world = _rank_world()
@@ -137,12 +146,14 @@ class ResumableLoader(torch.utils.data.DataLoader):
 
 # %% ../nbs/02d_data.ipynb #02-027
 class WithNeighbours(torch.utils.data.Dataset):
-    "NegCLIP's hard-negative images: each item comes with one of its `k` nearest neighbours, drawn anew each time, as `(item, neighbour)`."
+    """NegCLIP's hard-negative images: each item comes with one of its `k` nearest neighbours, drawn anew each time,
+    as `(item, neighbour)`."""
     def __init__(self, ds: torch.utils.data.Dataset, # the dataset to draw from
                  neighbours: torch.Tensor, # `[len(ds), k]` indices of each item's nearest neighbours
                 ):
         if len(neighbours) != len(ds):
-            raise ValueError(f"the neighbour table has {len(neighbours)} rows for a dataset of {len(ds)} records; recompute it")
+            raise ValueError(f"the neighbour table has {len(neighbours)} rows for a dataset of {len(ds)} records; "
+                             "recompute it")
         self.ds, self.neighbours = ds, neighbours
 
     def __len__(self): return len(self.ds)
@@ -157,7 +168,8 @@ class PairDataModule(L.LightningDataModule):
     """Train and validation pair sources (files, folders or shards) as Lightning dataloaders of `PairBatch`es.
     Texts are tokenised and images prepared *as the model wants them*: `vlwb train` links the model's `tokenizer` and
     `preprocess` here; left unset, they are taken from the model being trained when `setup` runs under a Trainer."""
-    def __init__(self, train: Optional[str] = None, # training pairs: .jsonl/.csv/.tsv, an image folder, or WebDataset shards
+    def __init__(self,
+                 train: Optional[str] = None, # training pairs: .jsonl/.csv/.tsv, an image folder, or WebDataset shards
                  val: Optional[str] = None, # validation pairs
                  batch_size: int = 128,
                  num_workers: int = 0, # loader processes (0: load in the training process)
@@ -167,19 +179,22 @@ class PairDataModule(L.LightningDataModule):
                  n_subcaptions: int = 0, # sub-captions per image (DreamLIP's multiple positives)
                  merge: int = 1, # neighbouring sentences a sub-caption may join
                  n_negatives: int = 0, # hard negatives per image
-                 negatives_from_caption: bool = False, # hard negatives are edits of the caption drawn that step (NegCLIP)
+                 negatives_from_caption: bool = False, # hard negatives: edits of the caption drawn that step (NegCLIP)
                  shuffle_buffer: int = 1000, # for shards: samples held for shuffling
-                 shapes: Optional[str] = None, # instead of train/val: a shapes world folder (`vlwb train` writes it first if absent)
+                 shapes: Optional[str] = None, # train/val from a shapes world folder (`vlwb train` writes it if absent)
                 ):
         super().__init__()
-        if not (train or shapes): raise ValueError("PairDataModule needs train pairs (train=...) or a shapes world folder (shapes=...)")
+        if not (train or shapes):
+            raise ValueError("PairDataModule needs train pairs (train=...) or a shapes world folder (shapes=...)")
         self.save_hyperparameters(ignore=["tokenizer", "preprocess"])
         self.tokenizer, self.preprocess = tokenizer, preprocess
         self.train_ds = self.val_ds = None
-        self.neighbours: Optional[torch.Tensor] = None # `[n,k]`: set (by `vlwb.train.HardNegativeImages`) to add NegCLIP's neighbour images
+        # `[n,k]`: set (by `vlwb.train.HardNegativeImages`) to add NegCLIP's neighbour images
+        self.neighbours: Optional[torch.Tensor] = None
 
     def _follow_model(self):
-        "Take tokenizer and preprocessing from the model under training where none were given; the builtin model's otherwise."
+        """Take tokenizer and preprocessing from the model under training where none were given; the builtin model's
+        otherwise."""
         model = getattr(getattr(getattr(self, "trainer", None), "lightning_module", None), "model", None)
         if self.tokenizer is None: self.tokenizer = getattr(model, "tokenizer", None) or Tokenizer(32)
         if self.preprocess is None: self.preprocess = getattr(model, "preprocess", None) or Preprocess(64)
@@ -190,11 +205,13 @@ class PairDataModule(L.LightningDataModule):
         if h.shapes:
             if not (Path(h.shapes) / "train.jsonl").exists():
                 raise FileNotFoundError(f"no shapes world at {h.shapes} (no train.jsonl); write one with "
-                                        "vlwb.shapes.generate_shapes_world or `vlwb shapes DIR`, or let `vlwb train` write it")
+                                        "vlwb.shapes.generate_shapes_world or `vlwb shapes DIR`, "
+                                        "or let `vlwb train` write it")
             h.train, h.val = h.train or str(Path(h.shapes) / "train.jsonl"), h.val or str(Path(h.shapes) / "val.jsonl")
         # masks are for evaluation and pictures; training objectives do not read them, so they are not decoded here
         if self.train_ds is None:
-            self.train_ds = open_pairs(h.train, self.preprocess, shuffle_buffer=h.shuffle_buffer, seed=h.seed, masks=False)
+            self.train_ds = open_pairs(h.train, self.preprocess, shuffle_buffer=h.shuffle_buffer, seed=h.seed,
+                                       masks=False)
         if h.val and self.val_ds is None: self.val_ds = open_pairs(h.val, self.preprocess, masks=False)
 
     def _loader(self, ds, train):
@@ -203,7 +220,8 @@ class PairDataModule(L.LightningDataModule):
         collate = PairCollate(self.tokenizer, train, h.n_subcaptions, h.merge, h.n_negatives,
                               negatives_from_caption=h.negatives_from_caption)
         if train and self.neighbours is not None:
-            if isinstance(ds, ShardedPairs): raise ValueError("hard-negative images need a file or folder dataset, not shards")
+            if isinstance(ds, ShardedPairs):
+                raise ValueError("hard-negative images need a file or folder dataset, not shards")
             ds = WithNeighbours(ds, self.neighbours) # batch_size anchors, each with a neighbour: 2 x batch_size images
         kw = dict(batch_size=h.batch_size, drop_last=train and len(ds) > h.batch_size, num_workers=h.num_workers,
                   collate_fn=collate, persistent_workers=h.num_workers > 0)
@@ -242,7 +260,8 @@ def check_pairs(path, # any pair source `open_pairs` accepts
                     ds._decode(key, sample)
                     good += 1
                 except BadSample as e: skip(e.reason, f"{s.name}:{key}: {e}")
-        return {"path": str(path), "records": good + sum(skipped.values()), "good": good, "skipped": dict(skipped), "examples": msgs}
+        return {"path": str(path), "records": good + sum(skipped.values()), "good": good, "skipped": dict(skipped),
+                "examples": msgs}
     ds = None
     try: ds = ImageCaptionDataset(path, on_skip=skip)
     except ValueError as e:
@@ -255,11 +274,13 @@ def check_pairs(path, # any pair source `open_pairs` accepts
                 if r.get("mask"): load_image_raw(resolve_ref(r["mask"], ds.root))
                 good += 1
             except BadSample as e: skip(e.reason, f"{path} record {i} ({r['image']}): {e}")
-    return {"path": str(path), "records": good + sum(skipped.values()), "good": good, "skipped": dict(skipped), "examples": msgs}
+    return {"path": str(path), "records": good + sum(skipped.values()), "good": good, "skipped": dict(skipped),
+            "examples": msgs}
 
 def format_check(report: dict) -> str:
     "A `check_pairs` report as text."
-    lines = [f"{report['path']}: {report['records']} records, {report['good']} good, {sum(report['skipped'].values())} skipped"]
+    lines = [f"{report['path']}: {report['records']} records, {report['good']} good, "
+             f"{sum(report['skipped'].values())} skipped"]
     for reason, n in sorted(report["skipped"].items(), key=lambda kv: -kv[1]):
         lines.append(f"  {n:6d}  {reason}")
         lines += [f"          e.g. {m}" for m in report["examples"].get(reason, [])]

@@ -35,7 +35,8 @@ MAX_LABELS = 2000
 MAX_CHARS = 1000
 
 def read_upload(path) -> tuple[Image.Image, list[str]]:
-    "An uploaded image (path, bytes or PIL image) as RGB, downscaled to `MAX_SIDE`, and notices; `InputError` for what cannot be used."
+    """An uploaded image (path, bytes or PIL image) as RGB, downscaled to `MAX_SIDE`, and notices;
+    `InputError` for what cannot be used."""
     if path is None: raise InputError("upload an image first")
     try: im = path.convert("RGB") if isinstance(path, Image.Image) else load_image(path)
     except BadSample as e: raise InputError(f"{Path(str(path)).name} cannot be used: {e}") from None
@@ -51,7 +52,8 @@ def clean_caption(model: VLModel, text) -> tuple[str, list[str]]:
     text = " ".join(str(text or "").split())
     if not text: raise InputError("type a caption first")
     notes = []
-    if len(text) > MAX_CHARS: text, _ = text[:MAX_CHARS], notes.append(f"the caption was cut to its first {MAX_CHARS} characters")
+    if len(text) > MAX_CHARS: text, _ = text[:MAX_CHARS], notes.append(
+        f"the caption was cut to its first {MAX_CHARS} characters")
     ids, mask = model.tokenize([text])
     if bool(mask[0].all()):
         n = int(mask.shape[1])
@@ -81,7 +83,8 @@ def _word_index(words: list[str], word) -> int:
     if isinstance(word, (int, float)) or str(word).strip().lstrip("-").isdigit():
         return min(max(int(word), 0), len(words) - 1)
     w = str(word).strip().lower()
-    if w not in [x.lower() for x in words]: raise InputError(f"'{word}' is not a word of the caption; its words: {', '.join(words)}")
+    if w not in [x.lower() for x in words]:
+        raise InputError(f"'{word}' is not a word of the caption; its words: {', '.join(words)}")
     return [x.lower() for x in words].index(w)
 
 class DemoApp:
@@ -106,7 +109,8 @@ class DemoApp:
         return self.models[name]
 
     @torch.no_grad()
-    def zeroshot(self, image, labels_text: str, template: str = "a photo of a {}.", model: Optional[str] = None, top: int = 10):
+    def zeroshot(self, image, labels_text: str, template: str = "a photo of a {}.", model: Optional[str] = None,
+                 top: int = 10):
         "Softmax over typed labels: ({label: probability} of the top ones, notice)."
         m = self.model(model)
         im, notes = read_upload(image)
@@ -126,7 +130,8 @@ class DemoApp:
             m = self.models[name]
             with torch.no_grad():
                 xs = [interpret.prepare(m, im) for im in self.gallery_images]
-                self._gallery_embed[name] = torch.cat([m.encode_image(torch.cat(xs[b:b + 64])).embed for b in range(0, len(xs), 64)])
+                self._gallery_embed[name] = torch.cat([m.encode_image(torch.cat(xs[b:b + 64])).embed
+                                                       for b in range(0, len(xs), 64)])
         return self._gallery_embed[name]
 
     @torch.no_grad()
@@ -139,7 +144,8 @@ class DemoApp:
             g = self._gallery(model or next(iter(self.models)))
             sims = g @ m.encode_text([query]).embed[0]
         top = sims.argsort(descending=True)[:max(1, min(int(k), len(sims)))].tolist()
-        return [(self.gallery_images[i], f"cos {float(sims[i]):.3f}: {self.gallery[i]['caption']}") for i in top], "; ".join(notes)
+        return [(self.gallery_images[i], f"cos {float(sims[i]):.3f}: {self.gallery[i]['caption']}")
+                for i in top], "; ".join(notes)
 
     def retrieve_html(self, query: str, k: int = 8, model: Optional[str] = None):
         "`retrieve` as an HTML grid with the images inlined (thumbnails of at most 192 pixels), and the notice."
@@ -161,7 +167,8 @@ class DemoApp:
         return [l for l, s in zip(labels, special) if not s]
 
     def _image_caption(self, fn, image, caption: str, model: Optional[str]):
-        "Read the image and caption, run `fn(model, x, caption)` under the lock: (its result, the model's view, notices)."
+        """Read the image and caption, run `fn(model, x, caption)` under the lock:
+        (its result, the model's view, notices)."""
         m = self.model(model)
         im, notes = read_upload(image)
         caption, more = clean_caption(m, caption)
@@ -183,11 +190,13 @@ class DemoApp:
         return viz.explanation_figure(view, ex, layer=int(layer), head=head), note
 
     def negatives(self, caption: str) -> tuple[str, str]:
-        "Hard negatives of the caption, one per line (attribute and relation swaps, object and attribute replacements), and a notice."
+        """Hard negatives of the caption, one per line (attribute and relation swaps, object and attribute
+        replacements), and a notice."""
         text = " ".join(str(caption or "").split())
         if not text: raise InputError("type a caption first")
         negs = [n["text"] for n in hard_negatives(text, per_kind=2)]
-        if not negs: raise InputError(f"no hard negative found for '{text}' (no colour, size, relation or known object to change)")
+        if not negs: raise InputError(f"no hard negative found for '{text}' "
+                                      "(no colour, size, relation or known object to change)")
         return "\n".join(negs), ""
 
     def compare(self, image, caption: str, others: str = "", models: Optional[list] = None):
@@ -195,7 +204,8 @@ class DemoApp:
         names = [n for n in (models or [next(iter(self.models))])][:2]
         im, notes = read_upload(image)
         caption, more = clean_caption(self.model(names[0]), caption)
-        caps = list(dict.fromkeys([caption] + [" ".join(c.split())[:MAX_CHARS] for c in str(others or "").split("\n") if c.strip()]))[:12]
+        caps = list(dict.fromkeys([caption] + [" ".join(c.split())[:MAX_CHARS] for c in str(others or "").split("\n")
+                                               if c.strip()]))[:12]
         if len(caps) < 2: notes.append("add other captions (one per line) or press 'hard negatives' to compare")
         views, scores = {}, {}
         with self.lock:
@@ -232,7 +242,8 @@ def build_demo(app: DemoApp):
         "A gr.Image whose upload reaches the handler as a file path, undecoded (vlwb's loader judges the file)."
         image = gr.Image(**kw)
         decode = image.preprocess
-        image.preprocess = lambda payload: decode(payload) if payload is None or payload.path is None else str(payload.path)
+        image.preprocess = lambda payload: (decode(payload) if payload is None or payload.path is None
+                                            else str(payload.path))
         return image
 
     names = list(app.models)
@@ -289,7 +300,8 @@ def build_demo(app: DemoApp):
                     t_model = model_pick()
                     t_btn = gr.Button("explain", variant="primary")
             t_plot, t_msg = gr.Plot(label="attention, rollout, gradient relevance"), gr.Markdown()
-            t_btn.click(shown(app.attention), [t_img, t_cap, t_layer, t_head, t_model], [t_plot, t_msg], api_name="attention")
+            t_btn.click(shown(app.attention), [t_img, t_cap, t_layer, t_head, t_model], [t_plot, t_msg],
+                        api_name="attention")
         with gr.Tab("compare"):
             with gr.Row():
                 c_img = ImageUpload(type="filepath", label="image", value=first_path, height=280)
@@ -321,16 +333,17 @@ def wait_for_stop_signal(demo) -> str:
         for s, h in previous.items(): signal.signal(s, h)
     return got[0] if got else "stopped"
 
-def serve(models: VLModel | dict, gallery=None, share: bool = False, host: str = "127.0.0.1", port: Optional[int] = None,
-          block: bool = True):
-    "Start the app; returns (Gradio Blocks, DemoApp, local URL, public URL or None). SIGINT (Ctrl-C) or SIGTERM stops it and removes the uploads."
+def serve(models: VLModel | dict, gallery=None, share: bool = False, host: str = "127.0.0.1",
+          port: Optional[int] = None, block: bool = True):
+    """Start the app; returns (Gradio Blocks, DemoApp, local URL, public URL or None).
+    SIGINT (Ctrl-C) or SIGTERM stops it and removes the uploads."""
     app = DemoApp(models, gallery)
     os.environ["GRADIO_TEMP_DIR"] = app.upload_dir # uploads land in the app's own folder (read when gradio is imported)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     demo = build_demo(app)
     demo.queue(default_concurrency_limit=16, max_size=256)
-    kw = dict(server_name=host, server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True, show_error=False,
-              footer_links=["api"])
+    kw = dict(server_name=host, server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True,
+              show_error=False, footer_links=["api"])
     public, why = None, ""
     try:
         _, local, public = demo.launch(share=share, **kw)
@@ -338,10 +351,12 @@ def serve(models: VLModel | dict, gallery=None, share: bool = False, host: str =
         if not share: raise
         why = f"{type(e).__name__}: {e}"
         _, local, public = demo.launch(share=False, **kw)
-    print(f"vlwb demo: serving {', '.join(app.models)} at {local} (uploads in {app.upload_dir}, removed on exit)", flush=True)
+    print(f"vlwb demo: serving {', '.join(app.models)} at {local} (uploads in {app.upload_dir}, removed on exit)",
+          flush=True)
     if share:
         print(f"vlwb demo: public link {public}" if public else
-              f"vlwb demo: no public link ({why or 'Gradio could not reach its share server; is there a network?'}); serving locally only", flush=True)
+              f"vlwb demo: no public link ({why or 'Gradio could not reach its share server; is there a network?'}); "
+              "serving locally only", flush=True)
     if block:
         how = "an error"
         try: how = wait_for_stop_signal(demo)

@@ -31,11 +31,14 @@ __all__ = ['SHAPE_TEMPLATES', 'COLOR_TEMPLATES', 'TASKS', 'zeroshot_classifier',
 def zeroshot_classifier(model: VLModel, classnames: Sequence[str], # the classes, as words
                         templates: Sequence[str] = ("a photo of a {}.",), # prompts with `{}` for the class name
                        ) -> torch.Tensor:
-    "Class weights `[C,D]`: the normalised mean text embedding of each class's prompts (CLIP's prompt ensembling; 'a'/'an' made to agree)."
+    """Class weights `[C,D]`: the normalised mean text embedding of each class's prompts
+    (CLIP's prompt ensembling; 'a'/'an' made to agree)."""
     if not classnames: raise ValueError("zero-shot classification needs at least one class name")
-    if not templates or any("{}" not in t for t in templates): raise ValueError(f"every template needs a '{{}}': {list(templates)}")
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError(f"every template needs a '{{}}': {list(templates)}")
     model.eval()
-    return torch.stack([l2norm(model.encode_text([fix_articles(t.format(c)) for t in templates]).embed.mean(0)) for c in classnames])
+    return torch.stack([l2norm(model.encode_text([fix_articles(t.format(c)) for t in templates]).embed.mean(0))
+                        for c in classnames])
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     "Fraction of rows whose label is among the `k` largest logits."
@@ -73,10 +76,13 @@ SHAPE_TEMPLATES = ("a {}",) + tuple(f"a {c} {{}}" for c in COLORS) + ("a small {
 COLOR_TEMPLATES = tuple(f"a {{}} {s}" for s in SHAPES)
 
 def zeroshot_targets(ds: ImageCaptionDataset) -> tuple[list[int], list[tuple]]:
-    "The single-object records of `ds`, and per attribute `(attr, class names, templates, labels [n])` for zero-shot classification."
+    """The single-object records of `ds`, and per attribute `(attr, class names, templates, labels [n])`
+    for zero-shot classification."""
     single = [i for i, r in enumerate(ds.records) if len(r.get("objects", [])) == 1]
-    return single, [(attr, names, templates, torch.tensor([names.index(ds.records[i]["objects"][0][attr]) for i in single]))
-                    for attr, names, templates in (("shape", SHAPES, SHAPE_TEMPLATES), ("color", list(COLORS), COLOR_TEMPLATES))]
+    return single, [(attr, names, templates,
+                     torch.tensor([names.index(ds.records[i]["objects"][0][attr]) for i in single]))
+                    for attr, names, templates in (("shape", SHAPES, SHAPE_TEMPLATES),
+                                                   ("color", list(COLORS), COLOR_TEMPLATES))]
 
 def evaluate_shapes(model: VLModel, path, # a shapes world split (JSONL written by `generate_shapes_world`)
                     batch_size: int = 256, progress: bool = True) -> dict:
@@ -84,7 +90,8 @@ def evaluate_shapes(model: VLModel, path, # a shapes world split (JSONL written 
     ds = ImageCaptionDataset(path, model.preprocess, skip_bad=False)
     img, txt = encode_dataset(model, ds, batch_size, progress)
     single, targets = zeroshot_targets(ds)
-    if not single: raise ValueError(f"{path} has no single-object records (with an 'objects' list) for zero-shot evaluation")
+    if not single:
+        raise ValueError(f"{path} has no single-object records (with an 'objects' list) for zero-shot evaluation")
     out = {"n_images": len(ds), "n_zeroshot_images": len(single)}
     for attr, names, templates, labels in targets:
         logits = img[single] @ zeroshot_classifier(model, names, templates).T
@@ -112,7 +119,8 @@ def retrieval_metrics(image_embed: torch.Tensor, # `[N_images, D]`
                       text_image: torch.Tensor, # `[N_texts]` the image each text describes
                       ks: Sequence[int] = (1, 5, 10),
                      ) -> dict[str, float]:
-    "Text-to-image (`image_retrieval_recall@k`) and image-to-text (`text_retrieval_recall@k`) recall, CLIP_benchmark's way."
+    """Text-to-image (`image_retrieval_recall@k`) and image-to-text (`text_retrieval_recall@k`) recall,
+    CLIP_benchmark's way."""
     sim = image_embed @ text_embed.T
     out = {}
     for k in ks:
@@ -144,7 +152,8 @@ def order_perturbations(caption: str, rand) -> list[str]:
             for t in tri: rand.shuffle(t)
         else: rand.shuffle(tri)
         return [w for t in tri for w in t]
-    makers = [lambda: shuffle_at(nouns, adjs), lambda: shuffle_at(other), lambda: trigrams(False), lambda: trigrams(True)]
+    makers = [lambda: shuffle_at(nouns, adjs), lambda: shuffle_at(other),
+              lambda: trigrams(False), lambda: trigrams(True)]
     out = []
     for make in makers:
         for _ in range(5):
@@ -155,7 +164,8 @@ def order_perturbations(caption: str, rand) -> list[str]:
     return out
 
 @torch.no_grad()
-def text_scores(model: VLModel, images: torch.Tensor, texts: list[list[str]], batch_size: int = 256) -> list[torch.Tensor]:
+def text_scores(model: VLModel, images: torch.Tensor, texts: list[list[str]],
+                batch_size: int = 256) -> list[torch.Tensor]:
     "For each image, the similarity to each of its candidate texts."
     device = model.logit_scale.device
     out = []
@@ -170,16 +180,19 @@ def text_scores(model: VLModel, images: torch.Tensor, texts: list[list[str]], ba
     return out
 
 @torch.no_grad()
-def compositional_probes(model: VLModel, path, # records with `negatives` ({text, kind, positive}); shapes world splits have them
+def compositional_probes(model: VLModel,
+                         path, # records with `negatives` ({text, kind, positive}); shapes world splits have them
                          n_order: int = 200, # captions for the word-order probe
                          seed: int = 0, progress: bool = True) -> dict[str, float]:
-    """SugarCrepe-style accuracy per negative kind; ARO's VG-Relation (macro over relations) and VG-Attribution (macro over
-    attribute pairs), where a tie counts against the true caption; ARO's order accuracy, where a tie counts for it."""
+    """SugarCrepe-style accuracy per negative kind; ARO's VG-Relation (macro over relations) and VG-Attribution
+    (macro over attribute pairs), where a tie counts against the true caption; ARO's order accuracy, where a tie
+    counts for it."""
     import random
     ds = ImageCaptionDataset(path, model.preprocess, skip_bad=False)
     model.eval()
     pairs = [(i, n) for i, r in enumerate(ds.records) for n in r.get("negatives", []) if n.get("positive")]
-    if not pairs: raise ValueError(f"{path} has no negatives with their positive text ('negatives': [{{text, kind, positive}}])")
+    if not pairs:
+        raise ValueError(f"{path} has no negatives with their positive text ('negatives': [{{text, kind, positive}}])")
     per_kind, per_rel, per_attr = {}, {}, {}
     idx = sorted({i for i, _ in pairs})
     images = torch.stack([ds[i]["image"] for i in tqdm(idx, desc="probe images", disable=not progress, leave=False)])
@@ -208,7 +221,8 @@ def compositional_probes(model: VLModel, path, # records with `negatives` ({text
     texts = [[ds.captions(i)[0]] + order_perturbations(ds.captions(i)[0], rand) for i in order_idx]
     ims = torch.stack([ds[i]["image"] for i in order_idx])
     sc = text_scores(model, ims, texts)
-    out["aro_order"] = sum(float((s[0] >= s[1:]).all()) for s in sc) / len(sc) # ARO's argmax: a tie goes to the original
+    # ARO's argmax: a tie goes to the original
+    out["aro_order"] = sum(float((s[0] >= s[1:]).all()) for s in sc) / len(sc)
     return out
 
 # %% ../nbs/07_eval.ipynb #07-019
@@ -256,14 +270,16 @@ def patch_hits(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return masks.reshape(K, gh, H // gh, gw, W // gw).any(4).any(2).reshape(K, gh * gw)
 
 def word_token_index(model: VLModel, words: list[str], k: int) -> int:
-    "Position of the last token of word `k` of `words` in `model.tokenize(' '.join(words))`; the model says which tokens are words."
+    """Position of the last token of word `k` of `words` in `model.tokenize(' '.join(words))`;
+    the model says which tokens are words."""
     n = int(model.word_mask(*model.tokenize(" ".join(words[:k + 1]))).sum()) # word tokens up to word k
     return int(model.word_mask(*model.tokenize(" ".join(words)))[0].nonzero()[n - 1])
 
 @torch.no_grad()
 def pointing_game(model: VLModel, path, # a shapes world split (records with objects and a mask label map)
                   max_images: int = 300, progress: bool = True) -> dict[str, float]:
-    "Pointing-game hit rates of FILIP word maps (colour and shape words) and dense phrase maps, with random and centre baselines."
+    """Pointing-game hit rates of FILIP word maps (colour and shape words) and dense phrase maps,
+    with random and centre baselines."""
     ds = ImageCaptionDataset(path, model.preprocess, skip_bad=False)
     model.eval()
     dev = model.logit_scale.device
@@ -275,7 +291,8 @@ def pointing_game(model: VLModel, path, # a shapes world split (records with obj
         enc = model.encode_image(item["image"][None].to(dev))
         gh, gw = enc.grid
         over = patch_hits(item["masks"], (gh, gw))
-        unique = [k for k, o in enumerate(objs) if sum(p["color"] == o["color"] and p["shape"] == o["shape"] for p in objs) == 1]
+        unique = [k for k, o in enumerate(objs)
+                  if sum(p["color"] == o["color"] and p["shape"] == o["shape"] for p in objs) == 1]
         if not unique: continue
         phrases = [["a", objs[k]["color"], objs[k]["shape"]] for k in unique]
         txt = model.encode_text([" ".join(w) for w in phrases]) # one call for every object of the image
@@ -284,7 +301,8 @@ def pointing_game(model: VLModel, path, # a shapes world split (records with obj
             word_maps = {"filip_color": txt.tokens[j, word_token_index(model, words, 1)],
                          "filip_shape": txt.tokens[j, word_token_index(model, words, 2)], "dense": txt.embed[j]}
             for name, vec in word_maps.items():
-                best = int(word_patch_similarity(patches[None], vec[None, None])[0, 0, :, 0].argmax()) # the word's best patch
+                # the word's best patch
+                best = int(word_patch_similarity(patches[None], vec[None, None])[0, 0, :, 0].argmax())
                 hits[name].append(float(over[k, best]))
             hits["random"].append(over[k].float().mean().item())
             hits["centre"].append(float(over[k, (gh // 2) * gw + gw // 2]))
@@ -307,7 +325,8 @@ def embedding_geometry(image_embed: torch.Tensor, text_embed: torch.Tensor) -> d
 # %% ../nbs/07_eval.ipynb #07-026b
 @torch.no_grad()
 def encode_texts(model: VLModel, texts: Sequence[str], batch_size: int = 256, tokens: bool = False):
-    "Pooled embeddings `[T,D]` of `texts` (with `tokens=True`: also the word tokens `[T,L,D]` and word mask `[T,L]`), on the CPU."
+    """Pooled embeddings `[T,D]` of `texts` (with `tokens=True`: also the word tokens `[T,L,D]` and word mask `[T,L]`),
+    on the CPU."""
     out = []
     for b in range(0, len(texts), batch_size):
         e = model.encode_text(list(texts[b:b + batch_size]))
@@ -315,8 +334,10 @@ def encode_texts(model: VLModel, texts: Sequence[str], batch_size: int = 256, to
     if not out: raise ValueError("no texts to encode")
     if not tokens: return torch.cat([o[0] for o in out])
     L = max(o[1].shape[1] for o in out) # batches may pad to different lengths
-    pad = lambda x, v: torch.nn.functional.pad(x, (0, 0, 0, L - x.shape[1]) if x.ndim == 3 else (0, L - x.shape[1]), value=v)
-    return torch.cat([o[0] for o in out]), torch.cat([pad(o[1], 0.0) for o in out]), torch.cat([pad(o[2], False) for o in out])
+    pad = lambda x, v: torch.nn.functional.pad(x, (0, 0, 0, L - x.shape[1]) if x.ndim == 3 else (0, L - x.shape[1]),
+                                               value=v)
+    return (torch.cat([o[0] for o in out]), torch.cat([pad(o[1], 0.0) for o in out]),
+            torch.cat([pad(o[2], False) for o in out]))
 
 @torch.no_grad()
 def long_caption_metrics(model: VLModel, ds: ImageCaptionDataset, img: torch.Tensor, # `[N,D]` image embeddings of `ds`
@@ -327,21 +348,24 @@ def long_caption_metrics(model: VLModel, ds: ImageCaptionDataset, img: torch.Ten
     if not recs: return {}
     longs = [ds.records[i]["long"] for i in recs]
     ids, mask = model.tokenize(longs)
-    out = {f"long_{k}": v for k, v in retrieval_metrics(img[recs], encode_texts(model, longs), torch.arange(len(recs)), ks).items()}
+    out = {f"long_{k}": v
+           for k, v in retrieval_metrics(img[recs], encode_texts(model, longs), torch.arange(len(recs)), ks).items()}
     out["long_truncated"] = mask.all(1).float().mean().item() # every position used: the caption did not fit
     sents = [(j, s) for j, l in enumerate(longs) for s in dict.fromkeys(split_sentences(l))]
     count = Counter(s for _, s in sents)
     sents = [(j, s) for j, s in sents if count[s] == 1]
     if sents:
         sub = encode_texts(model, [s for _, s in sents])
-        out.update({f"subcaption_{k}": v for k, v in retrieval_metrics(img[recs], sub, torch.tensor([j for j, _ in sents]), ks).items()})
+        out.update({f"subcaption_{k}": v
+                    for k, v in retrieval_metrics(img[recs], sub, torch.tensor([j for j, _ in sents]), ks).items()})
         out["subcaption_queries"] = len(sents)
     return out
 
 @torch.no_grad()
 def tokenwise_metrics(model: VLModel, ds: ImageCaptionDataset, ks: Sequence[int] = (1, 5), batch_size: int = 128,
                       progress: bool = True) -> dict[str, float]:
-    "FILIP's late-interaction scores for retrieval (`s_I` image-to-text, `s_T` text-to-image) and zero-shot (`s_I`, templates averaged)."
+    """FILIP's late-interaction scores for retrieval (`s_I` image-to-text, `s_T` text-to-image)
+    and zero-shot (`s_I`, templates averaged)."""
     device = model.logit_scale.device
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=PairCollate(model.tokenize, train=False))
     patches = torch.cat([model.encode_image(b.images.to(device)).tokens.cpu()
@@ -358,7 +382,8 @@ def tokenwise_metrics(model: VLModel, ds: ImageCaptionDataset, ks: Sequence[int]
     for attr, names, templates, labels in (targets if single else []):
         prompts = [fix_articles(t.format(c)) for c in names for t in templates]
         _, ptok, pwords = encode_texts(model, prompts, tokens=True)
-        logits = filip_similarity(patches[single], ptok, pwords, directions=("image",))[0].reshape(len(single), len(names), -1).mean(-1)
+        logits = (filip_similarity(patches[single], ptok, pwords, directions=("image",))[0]
+                  .reshape(len(single), len(names), -1).mean(-1))
         out.update({f"tokenwise_zeroshot_{attr}_{k}": v for k, v in zeroshot_metrics(logits, labels).items()})
     return out
 
@@ -378,7 +403,8 @@ def evaluate(model: VLModel, path, # a split with captions (shapes world splits 
         img, txt = encode_dataset(model, ds, progress=progress)
         if "retrieval" in tasks: # every caption of every image is a query, and a hit for its image (CLIP_benchmark)
             caps = [(i, c) for i in range(len(ds)) for c in ds.captions(i)]
-            all_txt = torch.cat([model.encode_text([c for _, c in caps[b:b + 256]]).embed.cpu() for b in range(0, len(caps), 256)])
+            all_txt = torch.cat([model.encode_text([c for _, c in caps[b:b + 256]]).embed.cpu()
+                                 for b in range(0, len(caps), 256)])
             out.update(retrieval_metrics(img, all_txt, torch.tensor([i for i, _ in caps])))
             out["retrieval_captions"] = len(caps)
         if "geometry" in tasks: out.update(embedding_geometry(img, txt))

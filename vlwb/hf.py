@@ -29,7 +29,8 @@ class HFTokenizer(TextTokenizer):
                  pool: str = "eos", # "eos": CLIP's end-of-text position; "last": the last position (SigLIP)
                  eos_id: Optional[int] = None, # the model config's eos_token_id (CLIP's pooling depends on it)
                 ):
-        self.tok, self.context_length, self.pad_to_max, self.pool, self.eos_id = tok, int(context_length), pad_to_max, pool, eos_id
+        self.tok, self.context_length, self.pad_to_max, self.pool, self.eos_id = (tok, int(context_length), pad_to_max,
+                                                                                  pool, eos_id)
         self.special_ids = frozenset(tok.all_special_ids)
 
     def __call__(self, texts):
@@ -59,7 +60,8 @@ class _HFImageTransform:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
 
 def _hf_files(name: Optional[str], *files: str) -> Optional[str]:
-    "`name` when it is a local folder holding one of `files`, or a hub id whose files are cached (offline) or reachable."
+    """`name` when it is a local folder holding one of `files`,
+    or a hub id whose files are cached (offline) or reachable."""
     if not name: return None
     if Path(name).is_dir(): return name if any((Path(name) / f).exists() for f in files) else None
     if Path(name).exists(): return None
@@ -86,12 +88,15 @@ class HFModel(VLModel):
             if offline() and not Path(name).exists():
                 from huggingface_hub import try_to_load_from_cache
                 if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-                    raise FileNotFoundError(f"HF_HUB_OFFLINE=1 and {name!r} is not in the Hugging Face cache (looked for {name}/config.json). "
-                                            f"Download it where there is a network, or point at a local folder: 'hf:/path/to/{name.split('/')[-1]}'.")
+                    raise FileNotFoundError(f"HF_HUB_OFFLINE=1 and {name!r} is not in the Hugging Face cache "
+                                            f"(looked for {name}/config.json). "
+                                            f"Download it where there is a network, or point at a local folder: "
+                                            f"'hf:/path/to/{name.split('/')[-1]}'.")
             net = transformers.AutoModel.from_pretrained(name, attn_implementation="eager")
         self.name, self.net = name, net
         self.kind = type(net).__name__
-        if self.kind not in ("CLIPModel", "SiglipModel"): raise TypeError(f"hf backend supports CLIPModel and SiglipModel, got {self.kind}")
+        if self.kind not in ("CLIPModel", "SiglipModel"):
+            raise TypeError(f"hf backend supports CLIPModel and SiglipModel, got {self.kind}")
         vc, tc = net.config.vision_config, net.config.text_config
         self.patch_size = vc.patch_size
         ctx, siglip = tc.max_position_embeddings, self.kind == "SiglipModel"
@@ -99,15 +104,16 @@ class HFModel(VLModel):
         if proc:
             proc = transformers.AutoImageProcessor.from_pretrained(proc)
             crop = bool(getattr(proc, "do_center_crop", False))
-            self.preprocess = Preprocess(vc.image_size, tuple(proc.image_mean), tuple(proc.image_std), "crop" if crop else "squash",
-                                         _HFImageTransform(proc))
+            self.preprocess = Preprocess(vc.image_size, tuple(proc.image_mean), tuple(proc.image_std),
+                                         "crop" if crop else "squash", _HFImageTransform(proc))
         elif not siglip: self.preprocess = Preprocess(vc.image_size, CLIP_MEAN, CLIP_STD, "crop")
         else: self.preprocess = Preprocess(vc.image_size, (0.5,) * 3, (0.5,) * 3, "squash")
         if tok:
             self.tokenizer = HFTokenizer(transformers.AutoTokenizer.from_pretrained(tok), ctx, pad_to_max=siglip,
                                          pool="last" if siglip else "eos", eos_id=getattr(tc, "eos_token_id", None))
         elif not siglip: self.tokenizer = Tokenizer(ctx) # CLIP's BPE, shipped with open_clip (no download)
-        else: self.tokenizer = MissingTokenizer(f"{self.kind} needs its own tokenizer files (pass a local folder that has them)", ctx)
+        else: self.tokenizer = MissingTokenizer(f"{self.kind} needs its own tokenizer files "
+                                                "(pass a local folder that has them)", ctx)
 
     @property
     def logit_scale(self) -> nn.Parameter: return self.net.logit_scale
@@ -117,7 +123,8 @@ class HFModel(VLModel):
 
     @classmethod
     def from_spec(cls, spec: dict) -> "HFModel":
-        "The architecture from `config`; tokenizer and image processor from `name` (folder or hub id) where it has them."
+        """The architecture from `config`; tokenizer and image processor from `name` (folder or hub id)
+        where it has them."""
         return cls(spec.get("name"), config=spec["config"]) if "config" in spec else cls(spec["name"])
 
     @classmethod
@@ -136,15 +143,17 @@ class HFModel(VLModel):
         else:
             pooled, tokens = out.pooler_output, out.last_hidden_state
         side = self.image_size // self.patch_size
-        return ImageEnc(embed=l2norm(pooled), tokens=l2norm(tokens), grid=(side, side), attn=list(out.attentions) if attn else None)
+        return ImageEnc(embed=l2norm(pooled), tokens=l2norm(tokens), grid=(side, side),
+                        attn=list(out.attentions) if attn else None)
 
     def encode_text(self, texts, mask=None, attn: bool = False) -> TextEnc:
         ids, mask = self._ids(texts, mask)
         tm = self.net.text_model
         out = tm(input_ids=ids, attention_mask=mask.long(), output_attentions=attn, return_dict=True)
         if self.kind == "CLIPModel":
-            pooled, tokens = self.net.text_projection(out.pooler_output), self.net.text_projection(out.last_hidden_state)
+            pooled, tokens = (self.net.text_projection(out.pooler_output),
+                              self.net.text_projection(out.last_hidden_state))
         else:
             pooled, tokens = out.pooler_output, tm.head(out.last_hidden_state)
-        return TextEnc(embed=l2norm(pooled), tokens=l2norm(tokens), mask=mask, attn=list(out.attentions) if attn else None,
-                       words=self.word_mask(ids, mask))
+        return TextEnc(embed=l2norm(pooled), tokens=l2norm(tokens), mask=mask,
+                       attn=list(out.attentions) if attn else None, words=self.word_mask(ids, mask))

@@ -67,7 +67,8 @@ def load_image(path, # an image file, or bytes of one
             with Image.open(src) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise BadSample("too many pixels", f"image {name} has {w}x{h} pixels, above max_pixels={max_pixels:,} (a decompression bomb?)")
+                    raise BadSample("too many pixels", f"image {name} has {w}x{h} pixels, "
+                                    f"above max_pixels={max_pixels:,} (a decompression bomb?)")
                 im.load()
                 return to_rgb(ImageOps.exif_transpose(im))
     except BadSample: raise
@@ -75,8 +76,10 @@ def load_image(path, # an image file, or bytes of one
     except IsADirectoryError: raise BadSample("missing image", f"image path {name} is a folder") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadSample("too many pixels", f"image {name}: {e}") from None
-    except Image.UnidentifiedImageError: raise BadSample("not an image", f"cannot decode image {name}: not an image file") from None
-    except (OSError, ValueError, SyntaxError) as e: raise BadSample("corrupt image", f"cannot decode image {name}: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise BadSample("not an image", f"cannot decode image {name}: not an image file") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadSample("corrupt image", f"cannot decode image {name}: {e}") from None
 
 # %% ../nbs/02a_images.ipynb #02-008
 def encode_png(a: np.ndarray, level: int = 1) -> bytes:
@@ -89,7 +92,8 @@ def encode_png(a: np.ndarray, level: int = 1) -> bytes:
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
     header = struct.pack(">IIBBBBB", w, h, 8, 2 if a.ndim == 3 else 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.tobytes(), level)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.tobytes(), level))
+            + chunk(b"IEND", b""))
 
 # %% ../nbs/02a_images.ipynb #02-011
 def centre_crop_box(w: int, h: int) -> tuple[int, int, int, int]:
@@ -115,13 +119,15 @@ def image_to_tensor(im: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD,
                     resize: str = "crop", # "crop": the centred square; "squash": the whole image, aspect ratio not kept
                    ) -> torch.Tensor:
     "Resize to `size`x`size` (bicubic), scale to [0,1] and normalise: `[3,size,size]`."
-    if im.size != (size, size): im = im.resize((size, size), Image.Resampling.BICUBIC, box=_source_box(*im.size, resize))
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BICUBIC, box=_source_box(*im.size, resize))
     a, b = _norm_arrays(tuple(mean), tuple(std))
     return torch.from_numpy(np.ascontiguousarray((np.asarray(im, dtype=np.float32) * a + b).transpose(2, 0, 1)))
 
 def labels_to_masks(labels: Image.Image, size: int, n_objects: int, resize: str = "crop") -> torch.Tensor:
     "A label map (0 background, k+1 object k) cropped and resized like its image: boolean masks `[K,size,size]`."
-    if labels.size != (size, size): labels = labels.resize((size, size), Image.Resampling.NEAREST, box=_source_box(*labels.size, resize))
+    if labels.size != (size, size):
+        labels = labels.resize((size, size), Image.Resampling.NEAREST, box=_source_box(*labels.size, resize))
     lab = torch.from_numpy(np.asarray(labels.convert("L"), dtype=np.uint8).copy())
     return lab[None] == torch.arange(1, n_objects + 1, dtype=torch.uint8)[:, None, None]
 
@@ -140,14 +146,14 @@ def tensor_to_image(x: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> Image.Imag
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How a model wants its images: the side, the normalisation, how a non-square image becomes square, and optionally the
-    backend library's own evaluation transform. A model says its own (`VLModel.preprocess`); datasets, figures and the demo
-    apply it, so the pixels a model sees are always the pixels it expects."""
+    """How a model wants its images: the side, the normalisation, how a non-square image becomes square, and
+    optionally the backend library's own evaluation transform. A model says its own (`VLModel.preprocess`);
+    datasets, figures and the demo apply it, so the pixels a model sees are always the pixels it expects."""
     size: int = 64 # side of the square model input
     mean: tuple = CLIP_MEAN
     std: tuple = CLIP_STD
     resize: str = "crop" # "crop": the centred square (CLIP, open_clip); "squash": the whole image (SigLIP)
-    transform: Optional[Callable] = None # PIL image -> `[3,size,size]` tensor: the backend's own transform, used when given
+    transform: Optional[Callable] = None # PIL image -> `[3,size,size]` tensor: the backend's own transform, if given
 
     def __post_init__(self):
         _source_box(1, 1, self.resize) # names the known modes
@@ -160,8 +166,10 @@ class Preprocess:
             raise ValueError(f"the model's transform gave {tuple(x.shape)}, expected (3, {self.size}, {self.size})")
         return x
 
-    def boxes(self, boxes: torch.Tensor, w: int, h: int) -> torch.Tensor: return fit_boxes(boxes, w, h, self.size, self.resize)
-    def masks(self, labels: Image.Image, n: int) -> torch.Tensor: return labels_to_masks(labels, self.size, n, self.resize)
+    def boxes(self, boxes: torch.Tensor, w: int, h: int) -> torch.Tensor:
+        return fit_boxes(boxes, w, h, self.size, self.resize)
+    def masks(self, labels: Image.Image, n: int) -> torch.Tensor:
+        return labels_to_masks(labels, self.size, n, self.resize)
     def to_image(self, x: torch.Tensor) -> Image.Image: return tensor_to_image(x, self.mean, self.std)
 
 def as_preprocess(p: Preprocess | int) -> Preprocess:

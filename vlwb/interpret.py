@@ -54,11 +54,13 @@ def word_patch_alignment(model: VLModel, image, caption: str) -> dict:
     te = model.encode_text(ids[None].to(x.device), mask[None].to(x.device))
     return alignment_from_encodings(ie, te, labels, special)
 
-def alignment_from_encodings(ie: ImageEnc, te: TextEnc, labels: list[str], special: list[bool], i: int = 0, t: int = 0) -> dict:
+def alignment_from_encodings(ie: ImageEnc, te: TextEnc, labels: list[str], special: list[bool],
+                             i: int = 0, t: int = 0) -> dict:
     "The word-patch alignment of image `i` of `ie` and text `t` of `te` (see `word_patch_alignment`)."
     keep = [k for k, s in enumerate(special) if not s]
     gh, gw = ie.grid
-    sim = word_patch_similarity(ie.tokens[i:i + 1].float(), te.tokens[t:t + 1, keep].float())[0, 0].T.cpu() # [W, N] cosine
+    # [W, N] cosine
+    sim = word_patch_similarity(ie.tokens[i:i + 1].float(), te.tokens[t:t + 1, keep].float())[0, 0].T.cpu()
     best = sim.argmax(1)
     return {"maps": sim.reshape(len(keep), gh, gw), "words": [labels[k] for k in keep], "positions": keep,
             "best": [(int(b) // gw, int(b) % gw) for b in best], "best_score": sim.max(1).values, "grid": (gh, gw)}
@@ -67,7 +69,8 @@ def alignment_from_encodings(ie: ImageEnc, te: TextEnc, labels: list[str], speci
 def attention_rollout(maps: Sequence[torch.Tensor], # per layer `[B,heads,N,N]` (or `[heads,N,N]`)
                       residual: float = 0.5, # weight of the identity added for the residual connection
                       ) -> torch.Tensor:
-    "Abnar & Zuidema's attention rollout `[B,N,N]`: head-averaged attention plus identity, rows renormalised, multiplied over layers."
+    """Abnar & Zuidema's attention rollout `[B,N,N]`: head-averaged attention plus identity, rows renormalised,
+    multiplied over layers."""
     R = None
     for A in maps:
         A = A.float().mean(-3)
@@ -77,7 +80,8 @@ def attention_rollout(maps: Sequence[torch.Tensor], # per layer `[B,heads,N,N]` 
     return R
 
 def chefer_relevance(maps: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-    "Chefer et al.'s relevance `[B,N,N]`: from `R = I`, per layer `R += E_h[(grad * A)^+] @ R`; the identity is subtracted at the end."
+    """Chefer et al.'s relevance `[B,N,N]`: from `R = I`, per layer `R += E_h[(grad * A)^+] @ R`;
+    the identity is subtracted at the end."""
     R = None
     for A, g in zip(maps, grads):
         A = A.detach().float()
@@ -104,8 +108,8 @@ class _grads_on:
         for p, r in self.saved: p.requires_grad_(r)
 
 def explain(model: VLModel, image, caption: str) -> dict:
-    """Everything the attention figures show for one image and caption: per-layer attention, rollout and gradient relevance
-    for both towers (image maps `[gh,gw]`, text values per word), the words and the image-text score."""
+    """Everything the attention figures show for one image and caption: per-layer attention, rollout and gradient
+    relevance for both towers (image maps `[gh,gw]`, text values per word), the words and the image-text score."""
     model.eval()
     x = image if isinstance(image, torch.Tensor) else prepare(model, image)
     ids, mask, labels, special = token_labels(model, caption)
@@ -115,12 +119,14 @@ def explain(model: VLModel, image, caption: str) -> dict:
         if not ie.attn or not te.attn: raise NotImplementedError(f"{type(model).__name__} returned no attention maps")
         score = (ie.embed[0] * te.embed[0]).sum()
         grads = torch.autograd.grad(score, ie.attn + te.attn, allow_unused=True)
-    img_attn, txt_attn = [A.detach().float() for A in ie.attn], [A.detach().float() for A in te.attn] # batch of one each
+    # batch of one each
+    img_attn, txt_attn = [A.detach().float() for A in ie.attn], [A.detach().float() for A in te.attn]
     gh, gw = ie.grid
     n = gh * gw
     keep = [k for k, s in enumerate(special) if not s]
     eot = int(model.pooled_index(ids[None], mask[None])[0]) # where the model reads its pooled text embedding
-    img_layers = torch.stack([_pool_row(A[0], n) for A in img_attn]).reshape(len(img_attn), -1, gh, gw) # [layers,heads,gh,gw]
+    # [layers,heads,gh,gw]
+    img_layers = torch.stack([_pool_row(A[0], n) for A in img_attn]).reshape(len(img_attn), -1, gh, gw)
     txt_layers = torch.stack([A[0, :, eot] for A in txt_attn])[..., keep] # [layers,heads,W]
     rel_img = chefer_relevance(img_attn, grads[:len(img_attn)])[0]
     rel_txt = chefer_relevance(txt_attn, grads[len(img_attn):])[0]

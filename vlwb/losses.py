@@ -4,153 +4,20 @@
 
 # %% ../nbs/05_losses.ipynb #05-003
 from __future__ import annotations
-import functools, inspect, math, warnings
-from dataclasses import dataclass
+import inspect, math
 from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import ImageEnc, TextEnc, PairBatch, Registry, TextKind, l2norm, first_of_kind, word_patch_similarity
+from .core import ImageEnc, TextEnc, PairBatch, Registry, TextKind, l2norm, word_patch_similarity
+from .contrast import Contrast
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'dist_info', 'gather_rows', 'Contrast', 'Objective', 'clip_loss', 'ClipObjective', 'SigLipObjective',
-           'filip_similarity', 'filip_similarity_naive', 'FilipObjective', 'circle_loss', 'MultiPositiveObjective',
-           'GroupingObjective', 'HardNegativeObjective', 'FeatureQueue', 'g2l_loss', 'soft_cross_entropy',
-           'TclObjective', 'Objectives']
-
-# %% ../nbs/05_losses.ipynb #05-006
-def dist_info() -> tuple[int, int]:
-    "This process's rank and the world size (0, 1 without an initialised process group)."
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-def gather_rows(x: torch.Tensor, # `[n,...]` this rank's rows (n may differ between ranks)
-               ) -> tuple[torch.Tensor, int]:
-    "Every rank's rows concatenated in rank order, gradients flowing back to their owners; and where this rank's rows start."
-    rank, world = dist_info()
-    if world == 1: return x, 0
-    n = torch.tensor([len(x)], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    torch.distributed.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    dtype = x.dtype
-    if dtype == torch.bool: x = x.to(torch.uint8) # gloo gathers no bools
-    pad = torch.cat([x, x.new_zeros((max(sizes) - len(x),) + tuple(x.shape[1:]))]).contiguous()
-    if x.requires_grad and torch.is_grad_enabled():
-        import torch.distributed.nn as dist_nn
-        with warnings.catch_warnings(): # its replacement is private API; this one is what open_clip uses
-            warnings.simplefilter("ignore", FutureWarning)
-            parts = dist_nn.all_gather(pad)
-    else:
-        parts = [torch.empty_like(pad) for _ in range(world)]
-        torch.distributed.all_gather(parts, pad)
-    out = torch.cat([p[:s] for p, s in zip(parts, sizes)])
-    return out.to(dtype) if dtype == torch.bool else out, sum(sizes[:rank])
-
-# %% ../nbs/05_losses.ipynb #05-007
-@dataclass
-class Contrast:
-    "The encodings of the whole (global) batch, how its texts relate to its images, and which rows are this rank's."
-    img: ImageEnc # every rank's images, in rank order
-    txt: TextEnc # every rank's texts
-    text_image: torch.Tensor # `[T]` global image index of each text, -1 for a hard negative
-    text_kind: torch.Tensor # `[T]` `TextKind`
-    images: slice # this rank's rows of `img`
-    texts: slice # this rank's rows of `txt`
-    img_m: Optional[ImageEnc] = None # the momentum model's encodings of a second view of the images (TCL), no gradient
-    txt_m: Optional[TextEnc] = None # the momentum model's encodings of the texts, no gradient
-    text_key: Optional[torch.Tensor] = None # `[T]` equal for texts with identical token ids (set when duplicates are merged)
-    step: int = 0 # the optimiser step (for schedules inside objectives)
-    training: bool = True # False in validation: objectives keep their state (queues) unchanged
-
-    @property
-    def n_images(self) -> int: return len(self.img.embed)
-
-    def caption_index(self) -> torch.Tensor:
-        "Global index of each global image's first caption; an error names the images without one."
-        idx = first_of_kind(self.text_image, self.text_kind, self.n_images)
-        if (idx < 0).any(): raise ValueError(f"images {(idx < 0).nonzero().flatten().tolist()} have no text of kind caption")
-        return idx
-
-    def positives(self) -> torch.Tensor:
-        "Global indices of the texts that describe an image (captions and sub-captions), in order."
-        return ((self.text_image >= 0) & (self.text_kind != TextKind.negative)).nonzero().flatten()
-
-    def slots(self) -> torch.Tensor:
-        "`[N,S]` global text indices: each image's caption, then its sub-captions in batch order (DreamLIP's text slots)."
-        pos = self.positives()
-        owner, kind = self.text_image[pos], self.text_kind[pos]
-        counts = torch.bincount(owner, minlength=self.n_images)
-        if (counts != counts[0]).any():
-            raise ValueError(f"text slots need the same number of texts per image; counts per image: {counts.tolist()}")
-        order = torch.argsort(owner * 2 * len(self.text_kind) + kind * len(self.text_kind) + pos)
-        return pos[order].reshape(self.n_images, -1)
-
-    def local_texts(self, kind: int) -> torch.Tensor:
-        "Global indices of this rank's texts of `kind` (that describe an image)."
-        idx = torch.arange(self.texts.start, self.texts.stop, device=self.text_kind.device)
-        k = self.text_kind[self.texts]
-        return idx[(k == kind) & (self.text_image[self.texts] >= 0)] if kind != TextKind.negative else idx[k == kind]
-
-    def false_negatives(self, images: torch.Tensor, texts: torch.Tensor) -> Optional[torch.Tensor]:
-        """`[n,m]` True where text `texts[j]` belongs to another image (or none) yet is identical to a text describing image
-        `images[i]`: a positive of that image, so never its negative. None when duplicates are not merged."""
-        if self.text_key is None: return None
-        return self._image_has_key[images][:, self.text_key[texts]] & (self.text_image[texts][None] != images[:, None])
-
-    @functools.cached_property
-    def _image_has_key(self) -> torch.Tensor:
-        "`[N,K]` True where image i has a text with key k (built once per batch, shared by every objective)."
-        pos = self.positives()
-        has = torch.zeros(self.n_images, int(self.text_key.max()) + 1, dtype=torch.bool, device=pos.device)
-        has[self.text_image[pos], self.text_key[pos]] = True
-        return has
-
-    def same_text(self, a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
-        "`[n,m]` True where texts `a[i]` and `b[j]` are different rows with identical token ids; None when not merged."
-        if self.text_key is None: return None
-        return (self.text_key[a][:, None] == self.text_key[b][None]) & (a[:, None] != b[None])
-
-    def require(self, kind: int, objective: str):
-        "Fail, naming `objective`, when the batch holds no text of `kind` (sub-captions, hard negatives)."
-        if not (self.text_kind == kind).any():
-            what = {TextKind.subcaption: "sub-captions (PairDataModule(n_subcaptions=k) with a 'long' caption per record)",
-                    TextKind.negative: "hard negatives (PairDataModule(n_negatives=k) with 'negatives' per record)"}[int(kind)]
-            raise ValueError(f"objective {objective!r} needs {what}, and this batch has none")
-
-    @classmethod
-    def build(cls, img: ImageEnc, txt: TextEnc, batch: PairBatch, tokens: bool = True,
-              momentum: Optional[tuple] = None, # (ImageEnc, TextEnc) of the momentum model, for objectives that use it
-              merge_duplicates: bool = False, # give texts with identical token ids one key (`false_negatives`, `same_text`)
-              step: int = 0, training: bool = True) -> "Contrast":
-        "Gather this rank's encodings and links into the global batch (no copy on one process)."
-        if img.embed.shape[-1] != txt.embed.shape[-1]:
-            raise ValueError(f"image and text embeddings differ in width: image {tuple(img.embed.shape)}, text {tuple(txt.embed.shape)}")
-        if len(img.embed) != batch.n_images or len(txt.embed) != batch.n_texts:
-            raise ValueError(f"encodings ({len(img.embed)} images, {len(txt.embed)} texts) do not match the batch ({batch.n_images}, {batch.n_texts})")
-        def image(e: ImageEnc) -> tuple[ImageEnc, int]:
-            embed, off = gather_rows(e.embed)
-            return ImageEnc(embed=embed, tokens=gather_rows(e.tokens)[0] if tokens else e.tokens, grid=e.grid), off
-        def text(e: TextEnc) -> tuple[TextEnc, int]:
-            embed, off = gather_rows(e.embed)
-            if not tokens: return TextEnc(embed=embed, tokens=e.tokens, mask=e.mask, words=e.words), off
-            return TextEnc(embed=embed, tokens=gather_rows(e.tokens)[0], mask=gather_rows(e.mask)[0],
-                           words=gather_rows(e.word_mask)[0]), off
-        (g_img, io), (g_txt, to) = image(img), text(txt)
-        ti = batch.text_image.clone()
-        ti[ti >= 0] += io
-        ti, _ = gather_rows(ti)
-        kind, _ = gather_rows(batch.text_kind)
-        key = None
-        if merge_duplicates:
-            ids = gather_rows(batch.text_ids.masked_fill(~batch.text_mask.bool(), 0))[0]
-            key = torch.unique(ids, dim=0, return_inverse=True)[1]
-        img_m, txt_m = (image(momentum[0])[0], text(momentum[1])[0]) if momentum is not None else (None, None)
-        return cls(g_img, g_txt, ti, kind, slice(io, io + batch.n_images), slice(to, to + batch.n_texts),
-                   img_m, txt_m, key, step, training)
+__all__ = ['OBJECTIVES', 'Objective', 'clip_loss', 'ClipObjective', 'SigLipObjective', 'filip_similarity',
+           'filip_similarity_naive', 'FilipObjective', 'circle_loss', 'MultiPositiveObjective', 'GroupingObjective',
+           'HardNegativeObjective', 'FeatureQueue', 'g2l_loss', 'soft_cross_entropy', 'TclObjective', 'Objectives']
 
 # %% ../nbs/05_losses.ipynb #05-008
 OBJECTIVES = Registry("objective")
@@ -158,7 +25,8 @@ OBJECTIVES = Registry("objective")
 class Objective(nn.Module):
     "Base of objectives: `forward(c: Contrast, scale)` returns a dict of named scalar losses of this rank's rows."
     needs_tokens: bool = False # uses patch / word tokens (gathered across ranks)
-    needs_momentum: bool = False # uses the momentum model's encodings (`Contrast.img_m`, `txt_m`; `VLModule` keeps the copy)
+    # uses the momentum model's encodings (`Contrast.img_m`, `txt_m`; `VLModule` keeps the copy)
+    needs_momentum: bool = False
     def forward(self, c: Contrast, scale: torch.Tensor) -> dict[str, torch.Tensor]: raise NotImplementedError
     def after_step(self): "Called after every optimiser step (clamp own temperatures)."
 
@@ -208,7 +76,8 @@ class SigLipObjective(Objective):
         z = -torch.ones_like(logits)
         z[torch.arange(len(logits)), torch.arange(c.images.start, c.images.stop)] = 1
         terms = -F.logsigmoid(z * logits)
-        dup = c.false_negatives(_all(c)[c.images], cap) # a duplicate caption is neither a negative nor this image's pair
+        # a duplicate caption is neither a negative nor this image's pair
+        dup = c.false_negatives(_all(c)[c.images], cap)
         if dup is not None: terms = terms.masked_fill(dup, 0)
         return {"siglip": terms.sum() / len(logits)}
 
@@ -219,7 +88,8 @@ def filip_similarity(img_tokens: torch.Tensor, # `[B,I,D]` unit-norm patch token
                      chunk: int = 8, # images per chunk (memory ~ chunk*T*I*L)
                      directions: tuple = ("image", "text"), # which of s^I, s^T to compute
                     ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    "FILIP's token-wise similarities `s_I` (each patch's best word, mean over patches) and `s_T` (each word's best patch, mean over words), `[B,T]` each."
+    """FILIP's token-wise similarities `s_I` (each patch's best word, mean over patches)
+    and `s_T` (each word's best patch, mean over words), `[B,T]` each."""
     mask = txt_mask.bool()
     n_real = mask.sum(1).clamp(min=1).to(txt_tokens.dtype)
     s_i, s_t = [], []
@@ -242,7 +112,8 @@ def filip_similarity_naive(img_tokens, txt_tokens, txt_mask):
 
 @OBJECTIVES.register("filip")
 class FilipObjective(Objective):
-    "FILIP (Yao et al. 2021): InfoNCE on token-wise late-interaction similarities over word tokens, both directions, in chunks."
+    """FILIP (Yao et al. 2021): InfoNCE on token-wise late-interaction similarities over word tokens,
+    both directions, in chunks."""
     needs_tokens = True
     def __init__(self, chunk: int = 8):
         super().__init__()
@@ -267,7 +138,8 @@ def circle_loss(sim: torch.Tensor, # `[n,m]` raw cosine similarities of anchors 
                 margin: float = 0.25, # relaxation margin m
                 exclude: Optional[torch.Tensor] = None, # `[n,m]` pairs that are neither positive nor negative
                ) -> torch.Tensor:
-    "Circle loss (Sun et al. 2020) per anchor: softplus(LSE_p -gamma a_p (s_p - 1 + m) + LSE_n gamma a_n (s_n - m)), averaged."
+    """Circle loss (Sun et al. 2020) per anchor:
+    softplus(LSE_p -gamma a_p (s_p - 1 + m) + LSE_n gamma a_n (s_n - m)), averaged."""
     a_p = (1 + margin - sim.detach()).clamp(min=0)
     a_n = (sim.detach() + margin).clamp(min=0)
     neg = ~positive if exclude is None else ~positive & ~exclude
@@ -277,7 +149,8 @@ def circle_loss(sim: torch.Tensor, # `[n,m]` raw cosine similarities of anchors 
 
 @OBJECTIVES.register("multipos")
 class MultiPositiveObjective(Objective):
-    "DreamLIP (Zheng et al. 2024): per-slot InfoNCE over the caption and K sub-captions, plus a circle loss of each image against all its texts."
+    """DreamLIP (Zheng et al. 2024): per-slot InfoNCE over the caption and K sub-captions,
+    plus a circle loss of each image against all its texts."""
     def __init__(self, gamma: float = 32.0, # circle loss scale (DreamLIP's default)
                  margin: float = 0.25, # circle loss margin (DreamLIP's default)
                  circle_weight: float = 0.1, # DreamLIP divides the circle loss by 10
@@ -289,7 +162,8 @@ class MultiPositiveObjective(Objective):
         c.require(TextKind.subcaption, "multipos")
         slots = c.slots() # [N,S]: caption, then sub-captions
         allimg, S = _all(c), slots.shape[1]
-        nce = sum(_infonce(c.img.embed, c.txt.embed[slots[:, s]], c.images, scale, c.false_negatives(allimg, slots[:, s]))
+        nce = sum(_infonce(c.img.embed, c.txt.embed[slots[:, s]], c.images, scale,
+                           c.false_negatives(allimg, slots[:, s]))
                   for s in range(S)) / S
         cols = slots.T.flatten() # slot-major, as DreamLIP lays out its texts
         rows = allimg[c.images]
@@ -301,9 +175,10 @@ class MultiPositiveObjective(Objective):
 # %% ../nbs/05_losses.ipynb #05-024
 @OBJECTIVES.register("grouping")
 class GroupingObjective(Objective):
-    "DreamLIP (Zheng et al. 2024): every text of an image pools the patches it is most similar to; pooled and text embeddings are contrasted."
+    """DreamLIP (Zheng et al. 2024): every text of an image pools the patches it is most similar to;
+    pooled and text embeddings are contrasted."""
     needs_tokens = True
-    def __init__(self, threshold: Optional[float] = None, # weights below it are dropped; None: 1/M for M patches (DreamLIP's sgl_delta < 0)
+    def __init__(self, threshold: Optional[float] = None, # drop weights below it; None: 1/M for M patches, as DreamLIP
                  init_temperature: float = 0.07, # of the local logit scale, a parameter of its own
                  max_logit_scale: float = math.log(100), # clamp of the local logit scale, as the global one
                 ):
@@ -312,7 +187,8 @@ class GroupingObjective(Objective):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
 
     def group(self, text_embed: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        "Grouped visual embeddings `[S,D]` of texts `[S,D]` over their images' patches `[S,M,D]` (gradient through the weights)."
+        """Grouped visual embeddings `[S,D]` of texts `[S,D]` over their images' patches `[S,M,D]`
+        (gradient through the weights)."""
         a = torch.einsum("sd,smd->sm", text_embed, patches)
         lo, hi = a.min(1, keepdim=True).values, a.max(1, keepdim=True).values
         w = (a - lo) / (hi - lo + 1e-10)
@@ -351,11 +227,13 @@ class HardNegativeObjective(Objective):
 
 # %% ../nbs/05_losses.ipynb #05-028
 class FeatureQueue(nn.Module):
-    "A first-in-first-out ring of unit-norm features (MoCo, ALBEF, TCL): `feats [K,D]` and the next write position, saved with the module."
+    """A first-in-first-out ring of unit-norm features (MoCo, ALBEF, TCL): `feats [K,D]` and the next write position,
+    saved with the module."""
     def __init__(self, size: int, dim: int):
         super().__init__()
         if size < 1: raise ValueError(f"a queue needs at least one slot, got size={size}")
-        self.register_buffer("feats", l2norm(torch.randn(size, dim))) # random unit vectors until real features arrive, as TCL
+        # random unit vectors until real features arrive, as TCL
+        self.register_buffer("feats", l2norm(torch.randn(size, dim)))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
@@ -392,7 +270,8 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 @OBJECTIVES.register("tcl")
 class TclObjective(Objective):
-    "TCL (Yang et al. 2022): cross-modal alignment with momentum distillation, intra-modal contrast and local MI, against momentum queues."
+    """TCL (Yang et al. 2022): cross-modal alignment with momentum distillation, intra-modal contrast and local MI,
+    against momentum queues."""
     needs_tokens, needs_momentum = True, True
     def __init__(self, embed_dim: int, # joint space width (VLModule passes the model's)
                  queue_size: int = 65536, # momentum features kept per modality (TCL's queue_size)
@@ -408,7 +287,8 @@ class TclObjective(Objective):
 
     def forward(self, c, scale):
         if c.img_m is None:
-            raise ValueError("objective 'tcl' needs the momentum model's encodings (VLModule keeps one when tcl is configured)")
+            raise ValueError("objective 'tcl' needs the momentum model's encodings "
+                             "(VLModule keeps one when tcl is configured)")
         cap, rows, K = c.caption_index(), c.images, len(self.text_queue.feats)
         v, t = c.img.embed, c.txt.embed[cap] # online, every image and its caption
         vm, tm = c.img_m.embed.detach(), c.txt_m.embed[cap].detach() # momentum: second view, same caption
@@ -433,7 +313,8 @@ class TclObjective(Objective):
         if self.lmi:
             gh, gw = c.img_m.grid
             patches = c.img_m.tokens.detach().reshape(c.n_images, gh, gw, -1).permute(0, 3, 1, 2)
-            local_img = F.adaptive_avg_pool2d(patches, (min(self.pool, gh), min(self.pool, gw))).flatten(2).transpose(1, 2)
+            local_img = (F.adaptive_avg_pool2d(patches, (min(self.pool, gh), min(self.pool, gw)))
+                         .flatten(2).transpose(1, 2))
             lmi_i = g2l_loss(local_img, v[rows], rows, scale)
             lmi_t = g2l_loss(c.txt_m.tokens[cap].detach(), t[rows], rows, scale, c.txt_m.word_mask[cap])
             out["tcl_lmi"] = (lmi_i + lmi_t) / 6
@@ -445,8 +326,8 @@ class TclObjective(Objective):
 # %% ../nbs/05_losses.ipynb #05-030
 class Objectives(nn.Module):
     "The configured objectives, summed by weight; returns every term and the weighted total as `loss`."
-    def __init__(self, config: Mapping[str, float | Mapping] = {"clip": 1.0}, # name -> weight, or name -> {weight, **kwargs}
-                 merge_duplicates: bool = False, # texts with identical token ids are one text: never a negative of their image's positives
+    def __init__(self, config: Mapping[str, float | Mapping] = {"clip": 1.0}, # name -> weight or {weight, **kwargs}
+                 merge_duplicates: bool = False, # texts with equal token ids are one: never negatives of a twin's image
                  embed_dim: Optional[int] = None, # joint space width, for objectives that keep features (queues)
                 ):
         super().__init__()
@@ -457,7 +338,8 @@ class Objectives(nn.Module):
             self.weights[name] = float(c.pop("weight", 1.0))
             cls = OBJECTIVES[name]
             if "embed_dim" in inspect.signature(cls).parameters and "embed_dim" not in c:
-                if embed_dim is None: raise ValueError(f"objective {name!r} needs embed_dim (the model's joint space width)")
+                if embed_dim is None:
+                    raise ValueError(f"objective {name!r} needs embed_dim (the model's joint space width)")
                 c["embed_dim"] = embed_dim
             self.terms[name] = cls(**c)
 
@@ -470,7 +352,7 @@ class Objectives(nn.Module):
         for o in self.terms.values(): o.after_step()
 
     def forward(self, img: ImageEnc, txt: TextEnc, batch: PairBatch, scale: torch.Tensor,
-                momentum: Optional[tuple] = None, # (ImageEnc, TextEnc) of the momentum model, for objectives that need it
+                momentum: Optional[tuple] = None, # (ImageEnc, TextEnc) of the momentum model, for objectives using it
                 step: int = 0, # the optimiser step
                ) -> dict[str, torch.Tensor]:
         c = Contrast.build(img, txt, batch, tokens=self.needs_tokens, momentum=momentum,
@@ -479,7 +361,8 @@ class Objectives(nn.Module):
         for name, objective in self.terms.items():
             losses = objective(c, scale)
             for k, v in losses.items():
-                if not torch.isfinite(v): raise FloatingPointError(f"objective {name!r} gave a non-finite loss {k} = {v.item()}")
+                if not torch.isfinite(v):
+                    raise FloatingPointError(f"objective {name!r} gave a non-finite loss {k} = {v.item()}")
             out.update(losses)
             total = total + self.weights[name] * sum(losses.values())
         out["loss"] = total

@@ -16,6 +16,7 @@ from .vlmodel import BACKENDS, VLModel
 from .builtin import BuiltinCLIP  # noqa: F401
 from .openclip import OpenClipModel  # noqa: F401
 from .hf import HFModel  # noqa: F401
+from .towers import TowersModel  # noqa: F401
 
 # %% auto #0
 __all__ = ['is_checkpoint', 'create_model', 'load', 'model_from', 'freeze_parameters', 'add_lora', 'reloadable']
@@ -26,10 +27,11 @@ def is_checkpoint(path) -> bool:
     p = Path(str(path))
     return (p / "model.safetensors").is_file() or (p.suffix == ".safetensors" and p.is_file())
 
-def create_model(name: str | dict = "builtin:tiny", # "backend:name" (a registered backend), or a spec dict (`VLModel.spec`)
+def create_model(name: str | dict = "builtin:tiny", # "backend:name" (a registered backend), or a `VLModel.spec` dict
                  **overrides, # passed to the backend's `from_name` (builtin: config fields, e.g. embed_dim=64)
                 ) -> VLModel:
-    "Build a model by name (`builtin:tiny`, `open_clip:ARCH[:TAG]`, `hf:ID`, any registered backend) or from a spec dict."
+    """Build a model by name (`builtin:tiny`, `open_clip:ARCH[:TAG]`, `hf:ID`, any registered backend) or from a spec
+    dict."""
     if isinstance(name, dict): return BACKENDS[name["backend"]].from_spec(name)
     if is_checkpoint(name): raise ValueError(f"{name} is a saved model: load it with vlwb.load({str(name)!r})")
     backend, _, rest = str(name).partition(":")
@@ -45,7 +47,8 @@ def load(path) -> VLModel:
     if ad and ad.get("base"): # only the adapter's tensors were saved: every one must land, the base keeps its own
         missing, unexpected = model.load_state_dict(state, strict=False)
         lost = [k for k in missing if k in ad.get("keys", ())]
-        if unexpected or lost: raise KeyError(f"{path}: adapter tensors do not fit {ad['base']}: unexpected {unexpected[:3]}, missing {lost[:3]}")
+        if unexpected or lost: raise KeyError(f"{path}: adapter tensors do not fit {ad['base']}: "
+                                              f"unexpected {unexpected[:3]}, missing {lost[:3]}")
     else: model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -59,7 +62,8 @@ def freeze_parameters(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     names = [n for n, _ in model.named_parameters()]
     for pat in patterns:
         if not fnmatch.filter(names, pat):
-            raise ValueError(f"freeze pattern {pat!r} matches no parameter; names look like: {', '.join(names[:6])}, ...")
+            raise ValueError(f"freeze pattern {pat!r} matches no parameter; "
+                             f"names look like: {', '.join(names[:6])}, ...")
     frozen = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
     for n, p in model.named_parameters():
         if n in frozen: p.requires_grad_(False)
@@ -69,9 +73,10 @@ def add_lora(model: VLModel,
              r: int = 8, # rank of the update
              alpha: float = 16, # the update is scaled by alpha / r
              dropout: float = 0.0, # dropout on the adapter's input
-             targets: Optional[Sequence[str]] = None, # module names (suffixes) to adapt (default: the backend's `lora_targets`)
+             targets: Optional[Sequence[str]] = None, # module names (suffixes) to adapt (default: `model.lora_targets`)
             ) -> list[str]:
-    "LoRA on the attention projections through peft, in place; every other parameter is frozen. Returns the trained names."
+    """LoRA on the attention projections through peft, in place; every other parameter is frozen. Returns the trained
+    names."""
     from peft import LoraConfig, inject_adapter_in_model
     targets = list(targets or model.lora_targets)
     if not targets: raise ValueError(f"{type(model).__name__} names no lora_targets; pass targets=[...] (module names)")
@@ -84,7 +89,8 @@ def add_lora(model: VLModel,
     return trained
 
 def reloadable(name) -> bool:
-    "Can the model `name` names be loaded again with the same weights (a saved model, a pretrained tag, a Hugging Face model)?"
+    """Can the model `name` names be loaded again with the same weights (a saved model, a pretrained tag, a Hugging
+    Face model)?"""
     if isinstance(name, dict): return False
     name = str(name)
     return is_checkpoint(name) or name.startswith("hf:") or (name.startswith("open_clip:") and name.count(":") >= 2)

@@ -26,7 +26,8 @@ def _mha_probs(mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask: Optional[
     return _mha_forward(mha, x, attn_mask)[1]
 
 def _mha_forward(mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask: Optional[torch.Tensor]):
-    "Self-attention of an `nn.MultiheadAttention` on `x` written out: its output (in the module's layout) and probabilities."
+    """Self-attention of an `nn.MultiheadAttention` on `x` written out:
+    its output (in the module's layout) and probabilities."""
     if not mha.batch_first: x = x.transpose(0, 1)
     q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=mha.num_heads)
                for t in F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
@@ -52,7 +53,8 @@ class _AttentionProbe:
         # a LoRA-adapted block (peft) runs its nn.MultiheadAttention, weights merged, as `base_layer`: hook that
         self.modules = [getattr(m, "base_layer", m) for m in self.modules]
         bad = [type(m).__name__ for m in self.modules if not isinstance(m, nn.MultiheadAttention)]
-        if bad: raise NotImplementedError(f"attention capture supports nn.MultiheadAttention blocks, this tower has {bad[0]}")
+        if bad: raise NotImplementedError(f"attention capture supports nn.MultiheadAttention blocks, "
+                                          f"this tower has {bad[0]}")
         self.handles = [m.register_forward_hook(self.hook, with_kwargs=True) for m in self.modules]
         return self
     def __exit__(self, *exc):
@@ -65,13 +67,16 @@ def _project(x: torch.Tensor, proj) -> torch.Tensor:
 class OpenClipTokenizer(TextTokenizer):
     "An open_clip tokenizer (its BPE, or a Hugging Face one for SigLIP-style models) as a `TextTokenizer`."
     def __init__(self, tok, # what `open_clip.get_tokenizer(arch)` returns
-                 pool: str = "argmax", # the text tower's pooling: "argmax" (end-of-text has the largest id), "last", "first"
+                 pool: str = "argmax", # text pooling: "argmax" (end-of-text has the largest id), "last", "first"
                 ):
         self.tok, self.pool = tok, pool
         self.context_length = int(tok.context_length)
         inner = getattr(tok, "tokenizer", None) # open_clip's HFTokenizer wraps a transformers tokenizer
-        if hasattr(tok, "sot_token_id"): self.pad, special, self._name = 0, {tok.sot_token_id, tok.eot_token_id, 0}, tok.decoder.__getitem__
-        elif inner is not None: self.pad, special, self._name = inner.pad_token_id or 0, set(inner.all_special_ids), inner.convert_ids_to_tokens
+        if hasattr(tok, "sot_token_id"):
+            self.pad, special, self._name = 0, {tok.sot_token_id, tok.eot_token_id, 0}, tok.decoder.__getitem__
+        elif inner is not None:
+            self.pad, special, self._name = (inner.pad_token_id or 0, set(inner.all_special_ids),
+                                             inner.convert_ids_to_tokens)
         else: raise TypeError(f"cannot read the vocabulary of open_clip tokenizer {type(tok).__name__}")
         self.special_ids = frozenset(special)
 
@@ -79,7 +84,8 @@ class OpenClipTokenizer(TextTokenizer):
         ids = self.tok(check_texts(texts))
         return ids, ids != self.pad
 
-    def token_strings(self, ids) -> list[str]: return [self._name(int(i)).replace("</w>", "").replace("▁", "") for i in ids]
+    def token_strings(self, ids) -> list[str]:
+        return [self._name(int(i)).replace("</w>", "").replace("▁", "") for i in ids]
 
     def pooled_index(self, ids, mask):
         if self.pool == "argmax": return ids.argmax(-1)
@@ -95,7 +101,8 @@ def open_clip_preprocess(visual: nn.Module) -> Preprocess:
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     mean, std = tuple(pp.get("mean", CLIP_MEAN)), tuple(pp.get("std", CLIP_STD))
     mode = pp.get("resize_mode", "shortest")
-    tf = open_clip.image_transform(size, is_train=False, mean=mean, std=std, resize_mode=mode, interpolation=pp.get("interpolation"))
+    tf = open_clip.image_transform(size, is_train=False, mean=mean, std=std, resize_mode=mode,
+                                   interpolation=pp.get("interpolation"))
     return Preprocess(size, mean, std, "squash" if mode == "squash" else "crop", transform=tf)
 
 @BACKENDS.register("open_clip")
@@ -104,7 +111,7 @@ class OpenClipModel(VLModel):
     backend = "open_clip"
     lora_targets = ("attn",) # nn.MultiheadAttention: peft adapts its input and output projections
     def __init__(self, arch: str, # open_clip architecture name, e.g. "ViT-B-32"
-                 pretrained: Optional[str] = None, # a pretrained tag ("openai", "laion2b_s34b_b79k"), a local weights file, or None
+                 pretrained: Optional[str] = None, # tag ("openai", "laion2b_s34b_b79k"), local weights file, or None
                  net: Optional[nn.Module] = None, # an already built open_clip model (then arch only names it)
                 ):
         super().__init__()
@@ -112,7 +119,8 @@ class OpenClipModel(VLModel):
         self.arch, self.pretrained = arch, pretrained
         if net is None:
             if arch not in open_clip.list_models():
-                raise KeyError(f"open_clip has no architecture {arch!r}; e.g. {', '.join(open_clip.list_models()[:8])}, ...")
+                raise KeyError(f"open_clip has no architecture {arch!r}; "
+                               f"e.g. {', '.join(open_clip.list_models()[:8])}, ...")
             if pretrained and not Path(pretrained).exists(): _check_open_clip_cache(arch, pretrained)
             net = open_clip.create_model(arch, pretrained=pretrained)
         self.net = net
@@ -120,8 +128,9 @@ class OpenClipModel(VLModel):
         pool = getattr(net, "text_pool_type", None) or getattr(getattr(net, "text", None), "pool_type", "argmax")
         self.tokenizer = OpenClipTokenizer(open_clip.get_tokenizer(arch), pool)
 
+    # the library's own parameter (saved once, as net.logit_scale)
     @property
-    def logit_scale(self) -> nn.Parameter: return self.net.logit_scale # the library's own parameter (saved once, as net.logit_scale)
+    def logit_scale(self) -> nn.Parameter: return self.net.logit_scale
 
     @property
     def spec(self) -> dict: return {"backend": self.backend, "arch": self.arch, "pretrained": None}
@@ -133,17 +142,19 @@ class OpenClipModel(VLModel):
     def from_name(cls, name: str, **overrides) -> "OpenClipModel":
         "`ARCH`, `ARCH:TAG` or `ARCH:/path/to/weights` (e.g. `ViT-B-32:openai`)."
         arch, _, tag = name.partition(":")
-        if not arch: raise ValueError("open_clip models are named 'open_clip:ARCH[:PRETRAINED]', e.g. 'open_clip:ViT-B-32:openai'")
+        if not arch: raise ValueError("open_clip models are named 'open_clip:ARCH[:PRETRAINED]', "
+                                      "e.g. 'open_clip:ViT-B-32:openai'")
         if overrides: raise TypeError(f"open_clip models take no overrides, got {sorted(overrides)}")
         return cls(arch, tag or None)
 
     def _text_tower(self):
-        return (self.net.text, self.net.text.ln_final, self.net.text.text_projection) if hasattr(self.net, "text") else \
-               (self.net, self.net.ln_final, self.net.text_projection)
+        return ((self.net.text, self.net.text.ln_final, self.net.text.text_projection) if hasattr(self.net, "text") else
+                (self.net, self.net.ln_final, self.net.text_projection))
 
     def encode_image(self, images, attn: bool = False) -> ImageEnc:
         v = self.net.visual
-        if not hasattr(v, "output_tokens"): raise NotImplementedError(f"{self.arch}: patch tokens need a ViT image tower")
+        if not hasattr(v, "output_tokens"):
+            raise NotImplementedError(f"{self.arch}: patch tokens need a ViT image tower")
         probe = _AttentionProbe([b.attn for b in v.transformer.resblocks]) if attn else None
         v.output_tokens = True
         try:
@@ -168,15 +179,16 @@ class OpenClipModel(VLModel):
                 with probe: pooled = self.net.encode_text(ids)
             else: pooled = self.net.encode_text(ids)
         finally: h.remove()
-        return TextEnc(embed=l2norm(pooled), tokens=l2norm(_project(seen["x"], proj)), mask=mask, attn=probe.maps if probe else None,
-                       words=self.word_mask(ids, mask))
+        return TextEnc(embed=l2norm(pooled), tokens=l2norm(_project(seen["x"], proj)), mask=mask,
+                       attn=probe.maps if probe else None, words=self.word_mask(ids, mask))
 
 def _check_open_clip_cache(arch: str, tag: str):
     "Offline, fail at once (naming the file looked for) when a pretrained tag's weights are not in the local cache."
     if not offline(): return
     import open_clip
     cfg = open_clip.get_pretrained_cfg(arch, tag)
-    if not cfg: raise KeyError(f"open_clip has no pretrained tag {tag!r} for {arch}; known: {', '.join(open_clip.list_pretrained_tags_by_model(arch))}")
+    if not cfg: raise KeyError(f"open_clip has no pretrained tag {tag!r} for {arch}; "
+                               f"known: {', '.join(open_clip.list_pretrained_tags_by_model(arch))}")
     from huggingface_hub import try_to_load_from_cache
     hub = cfg.get("hf_hub", "").rstrip("/")
     looked = []
@@ -188,5 +200,7 @@ def _check_open_clip_cache(arch: str, tag: str):
         f = Path.home() / ".cache" / "clip" / Path(cfg["url"]).name
         looked.append(str(f))
         if f.exists(): return
-    raise FileNotFoundError(f"HF_HUB_OFFLINE=1 and the weights of open_clip:{arch}:{tag} are not cached (looked for {'; '.join(looked)}). "
-                            f"Download them where there is a network, or point at a local file: 'open_clip:{arch}:/path/to/weights.safetensors'.")
+    raise FileNotFoundError(f"HF_HUB_OFFLINE=1 and the weights of open_clip:{arch}:{tag} are not cached "
+                            f"(looked for {'; '.join(looked)}). "
+                            f"Download them where there is a network, or point at a local file: "
+                            f"'open_clip:{arch}:/path/to/weights.safetensors'.")

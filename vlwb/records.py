@@ -57,7 +57,8 @@ def _read_table(path: Path, strict: bool, on_skip=_log_warning) -> tuple[list[di
             rows.append(r)
         return rows, skips
     text = raw.decode("utf-8", errors="surrogateescape")
-    for n, r in enumerate(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ","), 2):
+    for n, r in enumerate(csv.DictReader(io.StringIO(text, newline=""),
+                                         delimiter="\t" if suffix == ".tsv" else ","), 2):
         if any(isinstance(v, str) and any("\udc80" <= ch <= "\udcff" for ch in v) for v in r.values()):
             bad(n, "not UTF-8", "row is not UTF-8 text")
             continue
@@ -103,7 +104,8 @@ def normalise_record(r: dict, image_key: str = "image", caption_key: str = "capt
     negs = []
     for n in _text_list(r.get("negatives")):
         n = {"text": n, "kind": "negative"} if isinstance(n, str) else dict(n)
-        if not isinstance(n.get("text"), str) or not n["text"].strip(): raise BadSample("bad negative", f"negative {n!r} has no text")
+        if not isinstance(n.get("text"), str) or not n["text"].strip():
+            raise BadSample("bad negative", f"negative {n!r} has no text")
         negs.append(n)
     out = {k: v for k, v in r.items() if k not in (caption_key,)}
     out.update(image=r[image_key], captions=caps, negatives=negs)
@@ -141,7 +143,8 @@ def make_item(record: dict, image: Image.Image, preprocess: Preprocess, mask: Op
     item = {"image": preprocess(image), "captions": record["captions"], "meta": record}
     objs = record.get("objects")
     if objs and all("box" in o for o in objs):
-        item["boxes"] = preprocess.boxes(torch.tensor([o["box"] for o in objs], dtype=torch.float32).reshape(-1, 4), *image.size)
+        item["boxes"] = preprocess.boxes(torch.tensor([o["box"] for o in objs], dtype=torch.float32).reshape(-1, 4),
+                                         *image.size)
     if mask is not None: item["masks"] = preprocess.masks(mask, len(objs or []) or int(np.asarray(mask).max()))
     return item
 
@@ -150,12 +153,12 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __init__(self, path, # .jsonl, .csv or .tsv file, or a folder of images with same-name .txt captions
                  preprocess: Preprocess | int = 64, # the model's `Preprocess` (or a side in pixels)
                  image_key: str = "image", # column holding the image path
-                 caption_key: str = "caption", # column holding the caption; a list column `captions` is used when present
+                 caption_key: str = "caption", # column holding the caption; a list column `captions` is used if present
                  image_root=None, # folder relative image paths resolve against (default: the file's folder)
                  skip_bad: bool = True, # skip undecodable images (item None, counted) instead of raising
                  max_pixels: int = MAX_PIXELS, # refuse larger images (decompression bombs)
                  on_skip=_log_warning, # called with (reason, message) for each record skipped while reading
-                 masks: bool = True, # decode each record's label map into `masks` (training objectives do not need them)
+                 masks: bool = True, # decode each record's label map into `masks` (training objectives don't need them)
                 ):
         self.path = Path(path)
         self.records, self.skipped = load_records(self.path, image_key, caption_key, on_skip)
@@ -207,11 +210,13 @@ def image_entries(source) -> list[dict]:
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files: raise ValueError(f"{source} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        cap = lambda p: p.with_suffix(".txt").read_text(errors="replace").strip().split("\n")[0] if p.with_suffix(".txt").exists() else ""
+        cap = lambda p: (p.with_suffix(".txt").read_text(errors="replace").strip().split("\n")[0]
+                         if p.with_suffix(".txt").exists() else "")
         return [{"label": p.name, "image": str(p), "caption": cap(p), "negatives": []} for p in files]
     recs, _ = load_records(source, on_skip=lambda *a: None)
     if not recs: raise ValueError(f"{source} has no readable records")
     root = source.parent
-    ref = lambda r: r["image"] if str(r["image"]).startswith("skimage:") or Path(r["image"]).is_absolute() else str(root / r["image"])
+    ref = lambda r: (r["image"] if str(r["image"]).startswith("skimage:") or Path(r["image"]).is_absolute()
+                     else str(root / r["image"]))
     return [{"label": f"{i}: {r['captions'][0][:50]}", "image": ref(r), "caption": r["captions"][0],
              "negatives": [n["text"] for n in r.get("negatives", [])]} for i, r in enumerate(recs)]

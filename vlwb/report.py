@@ -27,23 +27,28 @@ def _report_data(run_dir: Path, data=None) -> Path:
     import yaml
     for cfg in sorted(run_dir.rglob("config.yaml")):
         d = (yaml.safe_load(cfg.read_text()) or {}).get("data") or {}
-        for cand in ([Path(d["shapes"]) / "test.jsonl"] if d.get("shapes") else []) + ([Path(d["val"])] if d.get("val") else []):
+        for cand in (([Path(d["shapes"]) / "test.jsonl"] if d.get("shapes") else [])
+                     + ([Path(d["val"])] if d.get("val") else [])):
             if cand.exists(): return cand
-    raise FileNotFoundError(f"{run_dir} has no shapes/test.jsonl and its config names no data that exists; pass --data PATH")
+    raise FileNotFoundError(f"{run_dir} has no shapes/test.jsonl and its config names no data that exists; "
+                            "pass --data PATH")
 
 def _metrics_table(m: dict) -> str:
-    rows = "".join(f"<tr><td>{k}</td><td>{v:.4g}</td></tr>" if isinstance(v, float) else f"<tr><td>{k}</td><td>{v}</td></tr>"
+    rows = "".join(f"<tr><td>{k}</td><td>{v:.4g}</td></tr>" if isinstance(v, float)
+                   else f"<tr><td>{k}</td><td>{v}</td></tr>"
                    for k, v in m.items() if isinstance(v, (int, float, str)))
     return f"<table class='metrics'>{rows}</table>"
 
 def write_report(run_dir, out=None, # the HTML file (default RUN_DIR/report.html)
                  data=None, # records to draw images from (default: the run's shapes test split)
                  n_images: int = 4, n_scatter: int = 200, progress: bool = True) -> Path:
-    "A self-contained HTML page of a run's figures: metrics, curves, embedding scatter, word maps, attention, caption comparison."
+    """A self-contained HTML page of a run's figures: metrics, curves, embedding scatter, word maps, attention,
+    caption comparison."""
     import html, json
     from tqdm.auto import tqdm
     run_dir = Path(run_dir)
-    if not (run_dir / "checkpoint").exists(): raise FileNotFoundError(f"{run_dir} has no checkpoint/ (is it a vlwb run folder?)")
+    if not (run_dir / "checkpoint").exists():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint/ (is it a vlwb run folder?)")
     model = load(run_dir / "checkpoint")
     data = _report_data(run_dir, data)
     ds = ImageCaptionDataset(data, model.preprocess, masks=False)
@@ -53,7 +58,8 @@ def write_report(run_dir, out=None, # the HTML file (default RUN_DIR/report.html
         if caption: parts.append(f"<p class='cap'>{html.escape(caption)}</p>")
         first[0] = False
     head = [f"<h1>vlwb report: {html.escape(str(run_dir))}</h1>",
-            f"<p>model <code>{html.escape(json.dumps(model.spec, default=str)[:300])}</code><br>images from <code>{html.escape(str(data))}</code></p>"]
+            f"<p>model <code>{html.escape(json.dumps(model.spec, default=str)[:300])}</code><br>"
+            f"images from <code>{html.escape(str(data))}</code></p>"]
     for name in ("metrics.json", "results.json"):
         if (run_dir / name).exists():
             head.append(f"<h2>{name}</h2>" + _metrics_table(json.loads((run_dir / name).read_text())))

@@ -45,7 +45,8 @@ def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     if shape == "circle": return dx * dx + dy * dy <= r * r
     if shape == "square": return (np.abs(dx) <= r * .85) & (np.abs(dy) <= r * .85)
     if shape == "diamond": return np.abs(dx) + np.abs(dy) <= r
-    if shape == "cross": return ((np.abs(dx) <= r / 3) & (np.abs(dy) <= r)) | ((np.abs(dy) <= r / 3) & (np.abs(dx) <= r))
+    if shape == "cross": return (((np.abs(dx) <= r / 3) & (np.abs(dy) <= r))
+                                 | ((np.abs(dy) <= r / 3) & (np.abs(dx) <= r)))
     if shape == "triangle": # apex up, base at the bottom: inside when below both sides and above the base
         return (dy <= r * .8) & (dy >= -r + 1.8 * np.abs(dx))
     raise KeyError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
@@ -93,7 +94,8 @@ def sample_scene(g: np.random.Generator, # the scene's own random stream
             r = (lo + (hi - lo) * u[k, 0]) * scale
             cx, cy = r + 1 + (size - 2 * r - 2) * u[k, 1], r + 1 + (size - 2 * r - 2) * u[k, 2]
             box = (cx - r, cy - r, cx + r, cy + r)
-            if any(box[0] < b[2] + margin and b[0] < box[2] + margin and box[1] < b[3] + margin and b[1] < box[3] + margin
+            if any(box[0] < b[2] + margin and b[0] < box[2] + margin
+                   and box[1] < b[3] + margin and b[1] < box[3] + margin
                    for b in (o["box"] for o in objects)): continue
             objects.append({"shape": SHAPES[shape[k]], "color": list(COLORS)[color[k]], "size": size_name,
                             "center": [round(float(cx), 2), round(float(cy), 2)], "radius": float(r),
@@ -139,7 +141,8 @@ def _phrase(shape, color, size, position, keep, article) -> str:
     words = [v for k, v in (("size", size), ("color", color)) if k in keep] + [shape]
     if article: words.insert(0, indefinite(words[0]))
     if "position" in keep:
-        words.append("in the center" if position == "center" else f"on the {position}" if position in ("left", "right") else f"at the {position}")
+        words.append("in the center" if position == "center"
+                     else f"on the {position}" if position in ("left", "right") else f"at the {position}")
     return " ".join(words)
 
 def caption(objects: list[dict], keep=MODIFIERS) -> str:
@@ -151,12 +154,14 @@ def caption_variants(objects: list[dict], g: np.random.Generator,
                      n: int = 4, # how many
                      p_keep: float = 0.5, # probability of saying each modifier
                     ) -> list[str]:
-    "`n` captions of a scene, each saying every shape but only a random subset of the modifiers (each kept with `p_keep`)."
+    """`n` captions of a scene, each saying every shape but only a random subset of the modifiers (each kept with
+    `p_keep`)."""
     keeps = g.random((n, len(MODIFIERS))) < p_keep
     return [caption(objects, [k for k, on in zip(MODIFIERS, row) if on]) for row in keeps]
 
 def relation_caption(a: dict, b: dict, rel: Optional[str] = None) -> str:
-    "'a red circle to the left of a blue square': two objects (colour and shape) and the relation of the first to the second."
+    """'a red circle to the left of a blue square': two objects (colour and shape) and the relation of the first to
+    the second."""
     return f"{phrase(a, ('color',))} {rel or relation(a, b)} {phrase(b, ('color',))}"
 
 def short_captions(objects: list[dict]) -> list[str]:
@@ -173,7 +178,8 @@ def long_caption(objects: list[dict], background: int = 230) -> str:
     n = len(objects)
     s = [f"There {'is' if n == 1 else 'are'} {_COUNT[n]} object{'' if n == 1 else 's'}."]
     for o in objects:
-        s.append(f"{phrase(o, ('size', 'color')).capitalize()} is {phrase(o, ('position',), article=False).split(' ', 1)[1]}.")
+        s.append(f"{phrase(o, ('size', 'color')).capitalize()} is "
+                 f"{phrase(o, ('position',), article=False).split(' ', 1)[1]}.")
     for a, b in zip(objects, objects[1:]):
         rel = relation(a, b)
         s.append(f"{phrase(a, ('color',)).capitalize()} is {rel} {phrase(b, ('color',))}.")
@@ -197,13 +203,17 @@ def _desc(o, keys=("color", "shape")): return {k: o[k] for k in keys}
 def scene_negatives(objects: list[dict], g: np.random.Generator) -> list[dict]:
     "One negative of each kind the scene allows: dicts with `text`, `kind` and the `positive` it perturbs."
     out, n = [], len(objects)
-    pairs = [(int(i), int(j)) for i, j in g.permutation([(i, j) for i in range(n) for j in range(n) if i < j]).reshape(-1, 2)] if n > 1 else []
+    pairs = ([(int(i), int(j))
+              for i, j in g.permutation([(i, j) for i in range(n) for j in range(n) if i < j]).reshape(-1, 2)]
+             if n > 1 else [])
     for i, j in pairs: # swap_attribute: colours bound to the other shapes
         a, b = objects[i], objects[j]
         if a["color"] == b["color"] or a["shape"] == b["shape"]: continue
-        if _present(objects, {"color": b["color"], "shape": a["shape"]}) and _present(objects, {"color": a["color"], "shape": b["shape"]}): continue
+        if (_present(objects, {"color": b["color"], "shape": a["shape"]})
+                and _present(objects, {"color": a["color"], "shape": b["shape"]})): continue
         swapped_a, swapped_b = dict(a, color=b["color"]), dict(b, color=a["color"])
-        out.append({"text": f"{phrase(swapped_a, ('color',))} and {phrase(swapped_b, ('color',))}", "kind": "swap_attribute",
+        out.append({"text": f"{phrase(swapped_a, ('color',))} and {phrase(swapped_b, ('color',))}",
+                    "kind": "swap_attribute",
                     "positive": f"{phrase(a, ('color',))} and {phrase(b, ('color',))}"})
         break
     for i, j in pairs: # swap_relation: the arguments exchanged
@@ -221,14 +231,16 @@ def scene_negatives(objects: list[dict], g: np.random.Generator) -> list[dict]:
             for v in g.permutation(values):
                 alt = dict(o, **{attr: str(v)})
                 if v == o[attr] or _present(objects, _desc(alt, ("size", "color", "shape"))): continue
-                out.append({"text": phrase(alt, ("size", "color")), "kind": kind, "positive": phrase(o, ("size", "color"))})
+                out.append({"text": phrase(alt, ("size", "color")), "kind": kind,
+                            "positive": phrase(o, ("size", "color"))})
                 done = True
                 break
             if done: break
     return out
 
 # %% ../nbs/03_shapes.ipynb #03-021
-def make_record(split: str, i: int, seed: int, size: int = 64, max_objects: int = 4) -> tuple[dict, np.ndarray, np.ndarray]:
+def make_record(split: str, i: int, seed: int, size: int = 64, max_objects: int = 4
+               ) -> tuple[dict, np.ndarray, np.ndarray]:
     "The record, pixels and label map of image `i` of `split`, a pure function of `seed`."
     g = rng(seed, split, i)
     scene = sample_scene(g, size, max_objects)
@@ -245,9 +257,10 @@ def make_record(split: str, i: int, seed: int, size: int = 64, max_objects: int 
            "objects": objects, "relations": rels, "split": split}
     return rec, img, labels
 
-def _write_part(out: str, split: str, start: int, stop: int, seed: int, size: int, max_objects: int, shard: Optional[str],
-                files: bool = True) -> list[str]:
-    "Render images `start..stop` of `split`: PNG files (when `files`), one tar shard (when `shard`); returns the JSONL lines."
+def _write_part(out: str, split: str, start: int, stop: int, seed: int, size: int, max_objects: int,
+                shard: Optional[str], files: bool = True) -> list[str]:
+    """Render images `start..stop` of `split`: PNG files (when `files`), one tar shard (when `shard`); returns the
+    JSONL lines."""
     out, lines = Path(out), []
     writer = ShardWriter(out / shard) if shard else None
     for i in range(start, stop):
@@ -272,7 +285,8 @@ def generate_shapes_world(out, # folder to write into
                           workers: Optional[int] = None, # processes rendering shards at once (default: the CPU count)
                           progress: bool = True, # show a progress bar
                          ) -> dict[str, Path]:
-    "Write the shapes world (PNG images and masks, one JSONL per split, tar shards) to `out`; returns each split's JSONL."
+    """Write the shapes world (PNG images and masks, one JSONL per split, tar shards) to `out`; returns each split's
+    JSONL."""
     if not (files or shard_size): raise ValueError("nothing to write: files=False and shard_size=0")
     out = Path(out)
     sizes = {"train": n_train, "val": n_val, "test": n_test}
@@ -294,7 +308,8 @@ def generate_shapes_world(out, # folder to write into
         results = (_write_part(*args(j)) for j in jobs)
         pool = None
     else:
-        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("fork" if os.name == "posix" else "spawn"))
+        pool = ProcessPoolExecutor(min(workers, len(jobs)),
+                                   mp_context=get_context("fork" if os.name == "posix" else "spawn"))
         results = pool.map(_write_part, *zip(*map(args, jobs)))
     try:
         for j, ls in zip(jobs, results):

@@ -35,8 +35,10 @@ class ShardWriter:
         self.count = 0
 
     def write(self, key: str, sample: dict):
-        if "." in key: raise ValueError(f"sample key {key!r} must not contain '.' (WebDataset splits keys at the first dot)")
-        def encode(v): return json.dumps(v).encode() if isinstance(v, (dict, list)) else v.encode() if isinstance(v, str) else bytes(v)
+        if "." in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' (WebDataset splits keys at the first dot)")
+        def encode(v): return (json.dumps(v).encode() if isinstance(v, (dict, list))
+                               else v.encode() if isinstance(v, str) else bytes(v))
         self.tar.write({"__key__": key, **{ext: encode(v) for ext, v in sample.items()}})
         self.count += 1
 
@@ -121,7 +123,8 @@ class ShardedPairs(torch.utils.data.IterableDataset):
         self.skipped = Counter()
 
     def set_distributed(self, rank: Optional[int] = None, world_size: Optional[int] = None):
-        "Fix this dataset's rank and world size (default: torch.distributed's, when initialised); loader workers, which are not part of the process group, inherit them."
+        """Fix this dataset's rank and world size (default: torch.distributed's, when initialised); loader workers,
+        which are not part of the process group, inherit them."""
         if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         if rank is not None: self._rank, self._world = rank, world_size
@@ -133,7 +136,8 @@ class ShardedPairs(torch.utils.data.IterableDataset):
         return sum(self.counts) // _dist_info(self._rank, self._world)[1]
 
     def plan(self, rank: int, world: int, worker: int, workers: int) -> tuple[list[int], Optional[tuple], int]:
-        "The shards (indices) this (rank, worker) reads, the rule for which of their samples it keeps (None: all), and how many at most."
+        """The shards (indices) this (rank, worker) reads, the rule for which of their samples it keeps (None: all),
+        and how many at most."""
         slots, slot = world * workers, rank * workers + worker
         per_rank = sum(self.counts) // world
         if len(self.shards) % slots == 0 and len(set(self.counts)) == 1: # deal whole shards
@@ -157,7 +161,8 @@ class ShardedPairs(torch.utils.data.IterableDataset):
         if img_ext is None: raise BadSample("no image", f"sample {key} has no image member")
         if "json" in sample:
             try: rec = json.loads(sample["json"].decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e: raise BadSample("bad JSON", f"sample {key}: {e}") from None
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise BadSample("bad JSON", f"sample {key}: {e}") from None
         elif "txt" in sample:
             try: rec = {"captions": [l for l in sample["txt"].decode("utf-8").splitlines() if l.strip()]}
             except UnicodeDecodeError: raise BadSample("not UTF-8", f"sample {key}: caption is not UTF-8") from None

@@ -30,7 +30,8 @@ class Arm:
 
 @dataclass
 class Study:
-    "Arms x seeds at one budget: each run a `vlwb train` of its arm's preset, evaluated by `vlwb eval` on one held-out split."
+    """Arms x seeds at one budget: each run a `vlwb train` of its arm's preset, evaluated by `vlwb eval`
+    on one held-out split."""
     name: str
     arms: list # of `Arm`
     baseline: str # the arm every other is compared with
@@ -72,9 +73,10 @@ def run_dir(root, arm: str, seed: int) -> Path: return Path(root) / arm / f"seed
 
 def train_args(study: Study, arm: Arm, seed: int, world, out) -> list[str]:
     "The `vlwb train` arguments of one run: the arm's preset and overrides at the study's budget and this seed."
-    args = [arm.preset, "--data.shapes", str(world), "--out", str(out), "--seed_everything", str(seed), "--data.seed", str(seed),
-            "--model.model", study.model, "--trainer.max_steps", str(study.steps), "--data.batch_size", str(study.batch_size),
-            "--trainer.val_check_interval", str(study.steps), "--save_every", str(max(1, study.steps // 4)), "--progress", "false"]
+    args = [arm.preset, "--data.shapes", str(world), "--out", str(out), "--seed_everything", str(seed),
+            "--data.seed", str(seed), "--model.model", study.model, "--trainer.max_steps", str(study.steps),
+            "--data.batch_size", str(study.batch_size), "--trainer.val_check_interval", str(study.steps),
+            "--save_every", str(max(1, study.steps // 4)), "--progress", "false"]
     for k, v in arm.overrides.items(): args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
     return args
 
@@ -83,14 +85,16 @@ def _steps_done(d: Path) -> int:
     return json.loads(c.read_text()).get("global_step", 0) if c.exists() else 0
 
 def run_one(study: Study, arm: Arm, seed: int, root, world, env: Optional[dict] = None) -> str:
-    """Train (or resume) and evaluate one run; returns what it did: 'done' (already finished: skipped), 'trained', 'resumed', 're-evaluated' (tasks changed).
+    """Train (or resume) and evaluate one run; returns what it did: 'done' (already finished: skipped), 'trained',
+    'resumed', 're-evaluated' (tasks changed).
     A run is finished when its `eval.json` exists; a killed one resumes from its last Lightning checkpoint."""
     d = run_dir(root, arm.name, seed)
     args = train_args(study, arm, seed, world, d)
     spec = {"train": args, "tasks": study.tasks}
     old = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else None
     if old is not None and old["train"] != spec["train"]:
-        raise ValueError(f"{d} was trained with other settings ({d / 'run.json'}): give the changed study another name, or "
+        raise ValueError(f"{d} was trained with other settings ({d / 'run.json'}): "
+                         "give the changed study another name, or "
                          "delete its run folders to run it again")
     evaluated = (d / "eval.json").exists()
     if evaluated and old is not None and old["tasks"] == spec["tasks"]: return "done"
@@ -105,11 +109,14 @@ def run_one(study: Study, arm: Arm, seed: int, root, world, env: Optional[dict] 
         t0 = time.time()
         with open(d / "train.log", "a") as log:
             r = subprocess.run(_cli() + ["train", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
-        if r.returncode: raise RuntimeError(f"{study.name}/{arm.name}/seed-{seed}: vlwb train failed ({r.returncode}); see {d / 'train.log'}")
+        if r.returncode: raise RuntimeError(f"{study.name}/{arm.name}/seed-{seed}: vlwb train failed ({r.returncode}); "
+                                            f"see {d / 'train.log'}")
         write_json(d / "timing.json", {"train_seconds": round(time.time() - t0, 1), "resumed": what == "resumed"})
     with open(d / "eval.log", "w") as log:
-        r = subprocess.run(_cli() + ["eval", "--model", str(d / "checkpoint"), "--data", str(Path(world) / "test.jsonl"),
-                                     "--tasks", study.tasks, "--out", str(d / "eval.json")], stdout=log, stderr=subprocess.STDOUT, env=env)
+        r = subprocess.run(_cli() + ["eval", "--model", str(d / "checkpoint"),
+                                     "--data", str(Path(world) / "test.jsonl"),
+                                     "--tasks", study.tasks, "--out", str(d / "eval.json")],
+                           stdout=log, stderr=subprocess.STDOUT, env=env)
     if r.returncode: raise RuntimeError(f"{study.name}/{arm.name}/seed-{seed}: vlwb eval failed; see {d / 'eval.log'}")
     return what
 
@@ -118,14 +125,16 @@ def run_study(study: Study, # what to run
               results="studies", # the tidy tables go to studies/NAME/ (small: for committing)
               workers: int = 1, # runs in parallel processes (each gets cpu_count / workers threads)
               progress: bool = True) -> dict:
-    "Run every arm x seed not yet finished, then collect the results; returns {'results', 'summary', 'paired', 'curves', 'did'}."
+    """Run every arm x seed not yet finished, then collect the results;
+    returns {'results', 'summary', 'paired', 'curves', 'did'}."""
     from vlwb.shapes import generate_shapes_world
     root = Path(runs) / study.name
     world = root / "world"
     if not (world / "test.jsonl").exists(): generate_shapes_world(world, progress=progress, **study.world)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // max(1, workers))), HF_HUB_OFFLINE="1")
     did = {}
-    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(study.runs()), desc=study.name, disable=not progress) as bar:
+    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(study.runs()), desc=study.name,
+                                                           disable=not progress) as bar:
         futures = {pool.submit(run_one, study, a, s, root, world, env): (a.name, s) for a, s in study.runs()}
         for f in as_completed(futures):
             did[futures[f]] = f.result()
@@ -143,7 +152,8 @@ def interval(xs: Sequence[float], level: float = 0.95) -> dict:
     return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
 
 def summarise(rows: list[dict]) -> list[dict]:
-    "Per arm and metric: n, mean, std and the 95% interval over seeds, from tidy rows (study, arm, seed, metric, value)."
+    """Per arm and metric: n, mean, std and the 95% interval over seeds,
+    from tidy rows (study, arm, seed, metric, value)."""
     groups = {}
     for r in rows: groups.setdefault((r["study"], r["arm"], r["metric"]), []).append(float(r["value"]))
     return [{"study": s, "arm": a, "metric": m, **interval(v)} for (s, a, m), v in groups.items() if len(v) > 1]
@@ -159,11 +169,13 @@ def paired_differences(rows: list[dict], baseline: str) -> list[dict]:
             seeds = sorted(s for (a, m, s) in by if a == arm and m == metric and (baseline, metric, s) in by)
             if len(seeds) < 2: continue
             d = [by[(arm, metric, s)] - by[(baseline, metric, s)] for s in seeds]
-            out.append({"study": study, "arm": arm, "baseline": baseline, "metric": metric, "seeds": " ".join(map(str, seeds)), **interval(d)})
+            out.append({"study": study, "arm": arm, "baseline": baseline, "metric": metric,
+                        "seeds": " ".join(map(str, seeds)), **interval(d)})
     return out
 
 def verdict(diff: dict, direction: int = 1) -> str:
-    "'reproduces' when the interval of the difference lies on the claimed side of 0, 'opposite' on the other, else 'inconclusive'."
+    """'reproduces' when the interval of the difference lies on the claimed side of 0, 'opposite' on the other,
+    else 'inconclusive'."""
     lo, hi = diff["ci_low"] * direction, diff["ci_high"] * direction
     lo, hi = min(lo, hi), max(lo, hi)
     return "reproduces" if lo > 0 else "opposite" if hi < 0 else "inconclusive"
@@ -184,41 +196,50 @@ def read_csv(path) -> list[dict]:
     with open(path, newline="") as f: return [{k: num(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 def collect(study: Study, root, out) -> dict:
-    "Gather finished runs into tidy tables under `out`: results.csv, summary.csv, paired.csv, curves.csv (training loss)."
+    """Gather finished runs into tidy tables under `out`: results.csv, summary.csv, paired.csv,
+    curves.csv (training loss)."""
     rows, curves = [], []
     for arm, seed in study.runs():
         d = run_dir(root, arm.name, seed)
         if not (d / "eval.json").exists(): continue
         metrics = json.loads((d / "eval.json").read_text())["metrics"]
-        if (d / "timing.json").exists(): metrics = metrics | {"train_seconds": json.loads((d / "timing.json").read_text())["train_seconds"]}
+        if (d / "timing.json").exists():
+            metrics = metrics | {"train_seconds": json.loads((d / "timing.json").read_text())["train_seconds"]}
         rows += [{"study": study.name, "arm": arm.name, "seed": seed, "metric": k, "value": float(v)}
                  for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
         log = d / "logs" / "metrics.csv"
         if log.exists():
             for r in csv.DictReader(open(log)):
-                if r.get("train/loss"): curves.append({"arm": arm.name, "seed": seed, "step": int(r["step"]), "loss": float(r["train/loss"])})
+                if r.get("train/loss"): curves.append({"arm": arm.name, "seed": seed, "step": int(r["step"]),
+                                                       "loss": float(r["train/loss"])})
     summary, paired = summarise(rows), paired_differences(rows, study.baseline)
     out = Path(out)
-    for name, table in (("results", rows), ("summary", summary), ("paired", paired), ("curves", curves)): _write_csv(out / f"{name}.csv", table)
-    write_json(out / "study.json", {"name": study.name, "baseline": study.baseline, "seeds": study.seeds, "model": study.model,
-                                    "steps": study.steps, "batch_size": study.batch_size, "world": study.world,
-                                    "samples_seen": study.steps * study.batch_size, "claims": study.claims,
-                                    "arms": {a.name: {"preset": a.preset, "overrides": a.overrides} for a in study.arms}})
+    for name, table in (("results", rows), ("summary", summary), ("paired", paired), ("curves", curves)):
+        _write_csv(out / f"{name}.csv", table)
+    write_json(out / "study.json", {"name": study.name, "baseline": study.baseline, "seeds": study.seeds,
+                                    "model": study.model, "steps": study.steps, "batch_size": study.batch_size,
+                                    "world": study.world, "samples_seen": study.steps * study.batch_size,
+                                    "claims": study.claims,
+                                    "arms": {a.name: {"preset": a.preset, "overrides": a.overrides}
+                                             for a in study.arms}})
     return {"results": rows, "summary": summary, "paired": paired, "curves": curves}
 
 # %% ../nbs/15_study.ipynb #15-014a
 def study_report(study: Study, out: dict, metrics: Optional[Sequence[str]] = None) -> str:
-    "The study's summary (mean and 95% interval per arm) and each arm's paired difference against the baseline, with verdicts."
+    """The study's summary (mean and 95% interval per arm) and each arm's paired difference against the baseline,
+    with verdicts."""
     metrics = list(metrics or study.claims or dict.fromkeys(r["metric"] for r in out["summary"]))
-    lines = [f"study {study.name}: {len(study.arms)} arms x {len(study.seeds)} seeds, {study.model}, {study.steps} steps x "
-             f"{study.batch_size} images ({study.steps * study.batch_size} samples seen)"]
+    lines = [f"study {study.name}: {len(study.arms)} arms x {len(study.seeds)} seeds, {study.model}, "
+             f"{study.steps} steps x {study.batch_size} images ({study.steps * study.batch_size} samples seen)"]
     for m in metrics:
         lines.append(f"  {m}")
         for r in out["summary"]:
-            if r["metric"] == m: lines.append(f"    {r['arm']:<14} {r['mean']:8.4f}  [{r['ci_low']:.4f}, {r['ci_high']:.4f}]  (n={r['n']})")
+            if r["metric"] == m: lines.append(f"    {r['arm']:<14} {r['mean']:8.4f}  "
+                                              f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]  (n={r['n']})")
         for d in out["paired"]:
             if d["metric"] == m:
                 claim = study.claims.get(m)
                 v = f"  {verdict(d, claim)}" if claim else ""
-                lines.append(f"    {d['arm']} - {d['baseline']}: {d['mean']:+.4f}  [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]{v}")
+                lines.append(f"    {d['arm']} - {d['baseline']}: {d['mean']:+.4f}  "
+                             f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]{v}")
     return "\n".join(lines)

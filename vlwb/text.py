@@ -43,7 +43,8 @@ def check_texts(texts) -> list[str]:
 
 class Tokenizer(TextTokenizer):
     "CLIP's BPE tokenizer (open_clip's bundled vocabulary) returning token ids and the mask of real tokens."
-    def __init__(self, context_length: int = 32, # tokens per text, start and end tokens included; longer texts are truncated
+    def __init__(self,
+                 context_length: int = 32, # tokens per text, start and end tokens included; longer texts are truncated
                 ):
         from open_clip.tokenizer import SimpleTokenizer
         if context_length < 3: raise ValueError(f"context_length must be at least 3, got {context_length}")
@@ -135,7 +136,8 @@ COLOR_WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "black", "w
                "golden", "silver")
 SIZE_WORDS = ("small", "large", "big", "little", "tiny", "huge", "tall", "short", "long")
 ADJECTIVES = frozenset(COLOR_WORDS + SIZE_WORDS + (
-    "wooden", "metal", "plastic", "glass", "stone", "old", "young", "new", "empty", "full", "open", "closed", "wet", "dry",
+    "wooden", "metal", "plastic", "glass", "stone", "old", "young", "new",
+    "empty", "full", "open", "closed", "wet", "dry",
     "hot", "cold", "striped", "spotted", "round", "dark", "light", "bright", "shiny", "furry", "fluffy", "happy", "sad",
     "smiling", "sleeping", "standing", "running", "cloudy", "sunny", "clear", "blurry", "black-and-white", "checkered",
     "grayscale", "red-haired", "curly", "straight", "narrow", "wide", "thick", "thin", "broken", "clean", "dirty")) 
@@ -151,7 +153,8 @@ NOUN_CATEGORIES = {
              "bread", "egg", "salad", "soup", "cookie"),
     "furniture": ("chair", "table", "sofa", "couch", "bed", "bench", "desk", "shelf", "cabinet", "stool", "lamp"),
     "object": ("cup", "mug", "saucer", "plate", "bowl", "spoon", "fork", "knife", "bottle", "glass", "vase", "book",
-               "phone", "laptop", "clock", "ball", "umbrella", "bag", "box", "camera", "tripod", "helmet", "flag", "coin",
+               "phone", "laptop", "clock", "ball", "umbrella", "bag", "box",
+               "camera", "tripod", "helmet", "flag", "coin",
                "kite", "hat", "shirt", "jacket", "suit", "tie", "shoe", "wheel", "toy", "key", "pen", "sign", "door",
                "window", "chessboard", "page", "tile", "brick", "leaf", "flower", "tree", "plant", "stick", "rope"),
     "place": ("kitchen", "street", "road", "field", "beach", "room", "garage", "garden", "park", "sky", "wall", "floor",
@@ -164,8 +167,9 @@ NOUNS = {n: cat for cat, ns in NOUN_CATEGORIES.items() for n in ns}
 SYNONYMS = (("man", "guy"), ("woman", "lady"), ("child", "boy", "girl", "baby"), ("cat", "kitten"), ("dog", "puppy"),
             ("bicycle", "bike"), ("motorcycle", "bike"), ("plane", "airplane"), ("rocket", "shuttle"), ("car", "taxi"),
             ("sofa", "couch"), ("cup", "mug", "glass"), ("plate", "saucer"), ("table", "desk"), ("chair", "stool"),
-            ("cook", "chef"), ("picture", "image", "photo", "scene"), ("small", "tiny", "little"), ("large", "huge", "big"),
-            ("gray", "grey"), ("road", "street"), ("sea", "water"), ("lake", "water"), ("river", "water"), ("rock", "stone"))
+            ("cook", "chef"), ("picture", "image", "photo", "scene"), ("small", "tiny", "little"),
+            ("large", "huge", "big"), ("gray", "grey"), ("road", "street"), ("sea", "water"), ("lake", "water"),
+            ("river", "water"), ("rock", "stone"))
 HYPERNYMS = {"person": NOUN_CATEGORIES["person"], "plant": ("tree", "flower", "leaf"), "toy": ("ball", "kite"),
              "building": ("house", "shop"), "room": ("kitchen", "garage")}
 PERSON_ROLES = frozenset(("player", "cook", "chef", "rider", "photographer", "skier", "surfer", "doctor", "student",
@@ -194,10 +198,12 @@ VERBS = frozenset(
      "hugging", "kicking", "throwing", "catching", "following", "leading", "biting", "licking", "touching", "looking",
      "sitting", "standing", "lying", "walking", "drinking", "cutting", "cooking", "driving", "flying", "playing",
      "reading", "sniffing", "protecting", "attacking", "rides", "bites", "chases", "holds", "eats", "wears", "carries",
-     "watches", "pulls", "pushes", "feeds", "hugs", "kicks", "throws", "catches", "follows", "leads", "licks", "touches",
+     "watches", "pulls", "pushes", "feeds", "hugs", "kicks", "throws",
+     "catches", "follows", "leads", "licks", "touches",
      "looks", "sits", "stands", "lies", "walks", "drinks", "cuts", "cooks", "drives", "flies", "plays", "reads",
      "sniffs", "protects", "attacks", "photographs", "photographing", "rode", "ate", "wore", "held", "caught", "threw",
-     "led", "sat", "stood", "drove", "flew", "chased", "carried", "watched", "pulled", "pushed", "fed", "hugged", "kicked",
+     "led", "sat", "stood", "drove", "flew", "chased", "carried",
+     "watched", "pulled", "pushed", "fed", "hugged", "kicked",
      "followed", "licked", "touched", "looked", "walked", "cooked", "played", "sniffed", "protected", "attacked",
      "photographed"])
 _PARTICLES = ("at", "on", "with", "in", "over", "under", "into", "onto", "behind", "beside", "next to", "near", "by")
@@ -251,7 +257,8 @@ def noun_phrases(words: list[str]) -> list[NounPhrase]:
     while i < n:
         j, det, adjs = i, None, []
         if words[j].lower() in DETERMINERS: det, j = j, j + 1
-        while j < n and words[j].lower() in ADJECTIVES and not (singular(words[j]) and (j + 1 >= n or not singular(words[j + 1]) and words[j + 1].lower() not in ADJECTIVES)):
+        while j < n and words[j].lower() in ADJECTIVES and not (singular(words[j]) and
+                (j + 1 >= n or not singular(words[j + 1]) and words[j + 1].lower() not in ADJECTIVES)):
             adjs.append(j)
             j += 1
         nouns = []

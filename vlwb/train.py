@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #06-003
 from __future__ import annotations
-import copy, hashlib, json, logging, math, warnings
+import copy, hashlib, json, logging, math, time, warnings
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -21,11 +21,13 @@ from .records import ImageCaptionDataset
 from .data import PairDataModule
 from .models import VLModel, add_lora, create_model, freeze_parameters, is_checkpoint, load, model_from, reloadable
 from .losses import Objectives
+from .align import StructureObjective  # noqa: F401 (registers the structure objective)
 
 # %% auto #0
 __all__ = ['PRESETS', 'in_batch_accuracy', 'warmup_cosine', 'no_decay', 'second_view', 'VLModule', 'SafetensorsCheckpoint',
-           'quiet_lightning', 'check_precision', 'make_trainer', 'model_fingerprint', 'dataset_fingerprint',
-           'image_neighbours', 'HardNegativeImages', 'preset_path', 'VLCLI', 'train_cli']
+           'quiet_lightning', 'median_seconds', 'matmul_rate', 'fastest_precision', 'check_precision', 'make_trainer',
+           'model_fingerprint', 'dataset_fingerprint', 'image_neighbours', 'HardNegativeImages', 'preset_path', 'VLCLI',
+           'train_cli']
 
 # %% ../nbs/06_train.ipynb #06-005
 def in_batch_accuracy(img_embed: torch.Tensor, text_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +50,8 @@ def no_decay(name: str, p: torch.nn.Parameter) -> bool:
 def second_view(images: torch.Tensor, min_scale: float = 0.7, generator: Optional[torch.Generator] = None,
                 offset: int = 0, # index of the first image in the global batch: crops are drawn for the whole of it
                ) -> torch.Tensor:
-    "A randomly cropped and resized view of each image of `[B,3,H,W]` (same shape); image k of the global batch gets crop k."
+    """A randomly cropped and resized view of each image of `[B,3,H,W]` (same shape);
+    image k of the global batch gets crop k."""
     B = len(images)
     r = torch.rand(offset + B, 3, generator=generator)[offset:] # one draw: row k is image k's, whatever B is
     s = min_scale + (1 - min_scale) * r[:, 0]
@@ -61,26 +64,28 @@ def second_view(images: torch.Tensor, min_scale: float = 0.7, generator: Optiona
 # %% ../nbs/06_train.ipynb #06-010
 class VLModule(L.LightningModule):
     "Train a `VLModel` with weighted objectives (Lightning: CPU, GPU or many nodes)."
-    def __init__(self, model: str | dict = "builtin:tiny", # a model name ("builtin:tiny", "open_clip:ViT-B-32:openai"), a spec dict, or a saved model
+    def __init__(self, model: str | dict = "builtin:tiny", # name ("open_clip:ViT-B-32:openai"), spec dict or checkpoint
                  model_config: Optional[dict] = None, # overrides of the model's config (e.g. {"embed_dim": 64})
-                 freeze: Optional[list[str]] = None, # parameter-name patterns to keep fixed (fnmatch), e.g. ["net.visual.*"]
-                 lora: Optional[dict] = None, # LoRA on the attention projections, e.g. {"r": 8, "alpha": 16}; everything else frozen
+                 freeze: Optional[list[str]] = None, # fnmatch patterns of parameters to freeze, e.g. ["net.visual.*"]
+                 lora: Optional[dict] = None, # LoRA on attention projections, e.g. {"r": 8, "alpha": 16}; rest frozen
                  objectives: Mapping = {"clip": 1.0}, # objective name -> weight (or {weight, **kwargs})
                  lr: float = 5e-4, # peak learning rate
                  weight_decay: float = 0.2, # AdamW decay of weight matrices
                  warmup_steps: int = 50, # linear warmup steps
                  min_lr_ratio: float = 0.0, # final learning rate as a fraction of `lr`
                  betas: tuple = (0.9, 0.98), eps: float = 1e-6, # AdamW, as CLIP
-                 merge_duplicates: bool = False, # texts with identical token ids are one text in every contrastive denominator
+                 merge_duplicates: bool = False, # texts with equal token ids are one in every contrastive denominator
                  momentum: float = 0.995, # EMA rate of the momentum model (kept only when an objective needs it)
                 ):
         super().__init__()
         self.save_hyperparameters()
-        self.model: VLModel = load(model).train() if is_checkpoint(model) else create_model(model, **(model_config or {}))
+        self.model: VLModel = (load(model).train() if is_checkpoint(model)
+                               else create_model(model, **(model_config or {})))
         self.frozen = freeze_parameters(self.model, freeze or [])
         if lora is not None:
             self.trained = add_lora(self.model, **lora)
-            if reloadable(model): self.model.adapter.update(base=model, keys=self.trained) # checkpoints keep the adapter alone
+            # checkpoints keep the adapter alone
+            if reloadable(model): self.model.adapter.update(base=model, keys=self.trained)
         self.objectives = Objectives(dict(objectives), merge_duplicates, embed_dim=self.model.embed_dim)
         self.momentum_model: Optional[VLModel] = None
         if self.objectives.needs_momentum:
@@ -94,16 +99,19 @@ class VLModule(L.LightningModule):
     def momentum_update(self):
         "theta_m <- m theta_m + (1 - m) theta for every parameter; buffers copied."
         m = self.hparams.momentum
-        for pm, p in zip(self.momentum_model.parameters(), self.model.parameters()): pm.mul_(m).add_(p.detach(), alpha=1 - m)
+        for pm, p in zip(self.momentum_model.parameters(), self.model.parameters()):
+            pm.mul_(m).add_(p.detach(), alpha=1 - m)
         for bm, b in zip(self.momentum_model.buffers(), self.model.buffers()): bm.copy_(b)
 
     @torch.no_grad()
     def momentum_encodings(self, batch: PairBatch, stage: str) -> tuple:
         "The momentum model's encodings of a second view of the images and of the texts (updated first when training)."
         if stage == "train": self.momentum_update()
-        g = torch.Generator().manual_seed(2 * self.global_step + (stage != "train")) # a resumed run draws the same views
+        # a resumed run draws the same views
+        g = torch.Generator().manual_seed(2 * self.global_step + (stage != "train"))
         mm = self.momentum_model
-        view = second_view(batch.images, generator=g, offset=self.global_rank * batch.n_images) # ranks hold equal batches
+        # ranks hold equal batches
+        view = second_view(batch.images, generator=g, offset=self.global_rank * batch.n_images)
         return mm.encode_image(view), mm.encode_text(batch.text_ids, batch.text_mask)
 
     def losses(self, batch: PairBatch, stage: str = "train") -> tuple:
@@ -119,14 +127,17 @@ class VLModule(L.LightningModule):
             raise FloatingPointError(f"step {self.global_step} ({stage}): {e}") from None
         i2t, t2i = in_batch_accuracy(img.embed.detach(), txt.embed.detach()[batch.caption_index()])
         logs = {f"{stage}/{k}": v.detach() for k, v in losses.items()}
-        logs.update({f"{stage}/i2t_acc": i2t, f"{stage}/t2i_acc": t2i, f"{stage}/logit_scale": self.model.scale.detach()})
-        self.log_dict(logs, prog_bar=False, on_step=stage == "train", on_epoch=stage != "train", batch_size=batch.n_images)
-        self.log(f"{stage}_loss", losses["loss"].detach(), prog_bar=True, on_step=stage == "train", on_epoch=stage != "train",
-                 batch_size=batch.n_images)
+        logs.update({f"{stage}/i2t_acc": i2t, f"{stage}/t2i_acc": t2i,
+                     f"{stage}/logit_scale": self.model.scale.detach()})
+        self.log_dict(logs, prog_bar=False, on_step=stage == "train", on_epoch=stage != "train",
+                      batch_size=batch.n_images)
+        self.log(f"{stage}_loss", losses["loss"].detach(), prog_bar=True, on_step=stage == "train",
+                 on_epoch=stage != "train", batch_size=batch.n_images)
         return losses["loss"]
 
     def on_train_batch_start(self, batch, batch_idx):
-        self.batches_taken = batch_idx + 1 # read by ResumableLoader.state_dict when a checkpoint is saved after this batch
+        # read by ResumableLoader.state_dict when a checkpoint is saved after this batch
+        self.batches_taken = batch_idx + 1
 
     def training_step(self, batch, batch_idx): return self._step(batch, "train")
     def validation_step(self, batch, batch_idx): return self._step(batch, "val")
@@ -142,7 +153,8 @@ class VLModule(L.LightningModule):
                   {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0}]
         opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas), eps=h.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, h.warmup_steps, total, h.min_lr_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt,
+                                                  lambda s: warmup_cosine(s, h.warmup_steps, total, h.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 # %% ../nbs/06_train.ipynb #06-012
@@ -176,11 +188,40 @@ def quiet_lightning():
                     ".*LightningCLI's args parameter is intended.*"): # `vlwb train` hands its arguments to LightningCLI
         warnings.filterwarnings("ignore", pattern)
 
+def median_seconds(fn, reps: int = 5, warmup: int = 1) -> float:
+    "Median wall time of `fn()` over `reps` calls after `warmup` calls."
+    for _ in range(warmup): fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5, device: str = "cpu",
+                warmup: int = 1) -> float:
+    "GFLOP/s of an `n x n` matrix product in `dtype`, measured now."
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    return 2 * n ** 3 / median_seconds(lambda: (a @ b, sync()), reps, warmup) / 1e9
+
+def fastest_precision(accelerator: str = "cpu", # "cpu" or "cuda"
+                      min_gain: float = 1.6, # bf16 must run matmuls at least this many times faster than fp32
+                     ) -> tuple[str, dict]:
+    """`"bf16-mixed"` where this device's bf16 matrix products, measured now, run at least `min_gain` times its fp32
+    ones, else `"32-true"`; with the two rates in GFLOP/s."""
+    device = "cuda" if str(accelerator) in ("cuda", "gpu") else "cpu"
+    # 2048-wide products, two warm-up calls each: the first bf16 calls also build oneDNN's kernels
+    rates = {name: matmul_rate(dtype, 2048, 5, device, warmup=2)
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    return ("bf16-mixed" if rates["bf16"] >= min_gain * rates["fp32"] else "32-true"), rates
+
 def check_precision(precision, accelerator) -> None:
     "Refuse fp16 on the CPU, explaining why; bf16-mixed and 32 are fine there."
     if str(precision) in ("16", "16-mixed", "16-true") and str(accelerator) == "cpu":
-        raise ValueError(f"precision={precision!r} on the CPU is refused: CPUs have no fast fp16 arithmetic (here fp16 matmuls "
-                         "run about 100x slower than fp32) and fp16 needs loss scaling; use precision='bf16-mixed' or '32' on the CPU, fp16 on GPUs")
+        raise ValueError(f"precision={precision!r} on the CPU is refused: CPUs have no fast fp16 arithmetic "
+                         "(here fp16 matmuls run about 100x slower than fp32) and fp16 needs loss scaling; "
+                         "use precision='bf16-mixed' or '32' on the CPU, fp16 on GPUs")
 
 def make_trainer(out, # run folder: logs/ (CSV) and checkpoint/ go here
                  max_steps: int = 1000, # optimiser steps
@@ -193,7 +234,8 @@ def make_trainer(out, # run folder: logs/ (CSV) and checkpoint/ go here
     out = Path(out)
     check_precision(kwargs.get("precision"), kwargs.get("accelerator", "cpu"))
     kw = dict(accelerator="cpu", devices=1, max_steps=max_steps, logger=CSVLogger(out, name="logs", version=""),
-              callbacks=[SafetensorsCheckpoint(out / "checkpoint", save_every)] + ([TQDMProgressBar()] if progress else []),
+              callbacks=[SafetensorsCheckpoint(out / "checkpoint", save_every)]
+                        + ([TQDMProgressBar()] if progress else []),
               enable_checkpointing=False,
               enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=1, deterministic=True,
               num_sanity_val_steps=0)
@@ -226,9 +268,9 @@ def image_neighbours(model: VLModel, # whose image embeddings define "near"
                      k: int = 3, # neighbours per image (NegCLIP: 3)
                      cache_dir=None, # where the table is kept (default: `.vlwb-cache` beside the records)
                      batch_size: int = 256, progress: bool = True) -> torch.Tensor:
-    """`[n,k]` indices of each image's `k` nearest other images by cosine of `model`'s image embeddings, computed once and
-    cached under a key of the model's weights, the records and image files, and `k`: a changed model or dataset is never
-    read from a stale table."""
+    """`[n,k]` indices of each image's `k` nearest other images by cosine of `model`'s image embeddings, computed once
+    and cached under a key of the model's weights, the records and image files, and `k`: a changed model or dataset is
+    never read from a stale table."""
     if k < 1 or k >= len(ds): raise ValueError(f"k={k} neighbours need 1 <= k < {len(ds)} (the dataset's size)")
     key = hashlib.sha256(f"{model_fingerprint(model)}:{dataset_fingerprint(ds)}:{k}".encode()).hexdigest()[:24]
     cache = Path(cache_dir) if cache_dir else ds.path.parent / ".vlwb-cache"
@@ -236,7 +278,8 @@ def image_neighbours(model: VLModel, # whose image embeddings define "near"
     if path.exists(): return load_file(str(path))["neighbours"]
     was_training = model.training
     model.eval()
-    view = ImageCaptionDataset(ds.path, model.preprocess, image_root=ds.root, masks=False) # the neighbour model's own input size and normalisation
+    # the neighbour model's own input size and normalisation
+    view = ImageCaptionDataset(ds.path, model.preprocess, image_root=ds.root, masks=False)
     device = model.logit_scale.device
     embeds, ok = [], []
     for b in tqdm(range(0, len(view), batch_size), desc="neighbour embeddings", disable=not progress, leave=False):
@@ -261,7 +304,7 @@ class HardNegativeImages(L.Callback):
     embeddings (by default the model being trained, as it is when the run starts); every step each image brings one of
     them, with its captions, into the batch."""
     def __init__(self, k: int = 3, # neighbours per image (NegCLIP: 3)
-                 model: Optional[str] = None, # a model spec or checkpoint for the embeddings; None: the model being trained
+                 model: Optional[str] = None, # a model spec or checkpoint to embed with; None: the model being trained
                  cache_dir: Optional[str] = None, # where the neighbour table is cached (default: beside the records)
                 ):
         self.k, self.model, self.cache_dir = k, model, cache_dir
@@ -271,7 +314,8 @@ class HardNegativeImages(L.Callback):
         if not isinstance(dm, PairDataModule): raise ValueError("HardNegativeImages needs a PairDataModule")
         if dm.train_ds is None: dm.setup(stage)
         if not isinstance(dm.train_ds, ImageCaptionDataset):
-            raise ValueError("hard-negative images need a file or folder dataset (a neighbour table indexes its records), not shards")
+            raise ValueError("hard-negative images need a file or folder dataset "
+                             "(a neighbour table indexes its records), not shards")
         model = model_from(self.model) if self.model else pl_module.model
         dm.neighbours = image_neighbours(model, dm.train_ds, self.k, self.cache_dir, progress=trainer.is_global_zero)
 
@@ -290,12 +334,16 @@ def preset_path(name: str) -> Path:
 class VLCLI(LightningCLI):
     "LightningCLI for `VLModule` + `PairDataModule` with vlwb's run folder layout, CSV log and safetensors checkpoints."
     def add_arguments_to_parser(self, parser):
-        parser.add_argument("--out", default="runs/train", help="run folder: logs/, checkpoint/ (safetensors), resume/ (Lightning)")
-        parser.add_argument("--save_every", type=int, default=100, help="save checkpoint/ and resume/ every this many steps")
+        parser.add_argument("--out", default="runs/train",
+                            help="run folder: logs/, checkpoint/ (safetensors), resume/ (Lightning)")
+        parser.add_argument("--save_every", type=int, default=100,
+                            help="save checkpoint/ and resume/ every this many steps")
         parser.add_argument("--progress", type=bool, default=True, help="show a progress bar")
         # the data follows the model: its tokenizer and image preprocessing, whatever the backend
-        parser.link_arguments("model", "data.tokenizer", compute_fn=lambda module: module.model.tokenizer, apply_on="instantiate")
-        parser.link_arguments("model", "data.preprocess", compute_fn=lambda module: module.model.preprocess, apply_on="instantiate")
+        parser.link_arguments("model", "data.tokenizer", compute_fn=lambda module: module.model.tokenizer,
+                              apply_on="instantiate")
+        parser.link_arguments("model", "data.preprocess", compute_fn=lambda module: module.model.preprocess,
+                              apply_on="instantiate")
 
     def before_instantiate_classes(self):
         "Write the shapes world `--data.shapes` names if it is not there yet (one process writes, the others wait)."
@@ -326,12 +374,15 @@ class VLCLI(LightningCLI):
         return self._instantiate_trainer(config, mine + extra)
 
 def train_cli(args: list[str]) -> None:
-    "`vlwb train ARGS`: fit with LightningCLI (`--config PRESET.yaml`, any flag; `--ckpt_path` resumes with weights_only=True)."
+    """`vlwb train ARGS`: fit with LightningCLI
+    (`--config PRESET.yaml`, any flag; `--ckpt_path` resumes with weights_only=True)."""
     quiet_lightning()
     args = list(args)
-    if args and not args[0].startswith("-") and args[0] in PRESETS: args = ["--config", str(preset_path(args[0]))] + args[1:]
+    if args and not args[0].startswith("-") and args[0] in PRESETS:
+        args = ["--config", str(preset_path(args[0]))] + args[1:]
     if any(a.startswith("--ckpt_path") for a in args) and not any(a.startswith("--weights_only") for a in args):
         args += ["--weights_only", "true"]
-    VLCLI(VLModule, PairDataModule, args=["fit"] + args, seed_everything_default=0, save_config_kwargs={"overwrite": True},
-          trainer_defaults=dict(accelerator="cpu", devices=1, deterministic=True, log_every_n_steps=1, num_sanity_val_steps=0,
-                                enable_model_summary=False))
+    VLCLI(VLModule, PairDataModule, args=["fit"] + args, seed_everything_default=0,
+          save_config_kwargs={"overwrite": True},
+          trainer_defaults=dict(accelerator="cpu", devices=1, deterministic=True, log_every_n_steps=1,
+                                num_sanity_val_steps=0, enable_model_summary=False))

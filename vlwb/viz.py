@@ -44,7 +44,8 @@ def _overlay(fig, im: Image.Image, heat: Optional[torch.Tensor], row=None, col=N
         z = heat.detach().float().cpu().numpy()
         fig.add_trace(go.Heatmap(z=z, x0=W / gw / 2 - 0.5, dx=W / gw, y0=H / gh / 2 - 0.5, dy=H / gh, zsmooth="best",
                                  opacity=opacity, colorscale=colorscale, zmin=zmin, zmax=zmax, showscale=showscale,
-                                 name=name, hovertemplate="row %{y:.0f} col %{x:.0f}<br>%{z:.3f}<extra>" + name + "</extra>",
+                                 name=name,
+                                 hovertemplate="row %{y:.0f} col %{x:.0f}<br>%{z:.3f}<extra>" + name + "</extra>",
                                  colorbar=dict(len=0.6, thickness=12)), **kw)
     fig.update_xaxes(visible=False, range=[-0.5, W - 0.5], **kw)
     fig.update_yaxes(visible=False, range=[H - 0.5, -0.5], scaleanchor="x" if row is None else None, **kw)
@@ -53,7 +54,8 @@ def _overlay(fig, im: Image.Image, heat: Optional[torch.Tensor], row=None, col=N
 def _box_patch(fig, image: Image.Image, grid: tuple, patch: tuple, width: int, row: int, col: int):
     "Outline patch `(row, col)` of a `grid` laid over `image` in one subplot."
     (gh, gw), (W, H), (r, c) = grid, image.size, patch
-    fig.add_shape(type="rect", x0=c * W / gw - 0.5, x1=(c + 1) * W / gw - 0.5, y0=r * H / gh - 0.5, y1=(r + 1) * H / gh - 0.5,
+    fig.add_shape(type="rect", x0=c * W / gw - 0.5, x1=(c + 1) * W / gw - 0.5,
+                  y0=r * H / gh - 0.5, y1=(r + 1) * H / gh - 0.5,
                   line=dict(color="cyan", width=width), row=row, col=col)
 
 def heatmap_figure(image: Image.Image, heat: torch.Tensor, title: str = "", colorscale: str = "Inferno") -> go.Figure:
@@ -66,7 +68,8 @@ def alignment_figure(image: Image.Image, # the image as the model saw it (`model
                      alignment: dict, # `word_patch_alignment(...)`
                      token: int = 0, # index among the caption's words
                      title: Optional[str] = None) -> go.Figure:
-    "FILIP word-patch alignment: one word's similarity over the patch grid drawn over the image, its best patch marked, a word strip."
+    """FILIP word-patch alignment: one word's similarity over the patch grid drawn over the image,
+    its best patch marked, a word strip."""
     words, maps = alignment["words"], alignment["maps"]
     if not words: raise ValueError("the caption has no word tokens to align")
     if not 0 <= token < len(words): raise IndexError(f"token {token} is out of range for {len(words)} words {words}")
@@ -77,18 +80,22 @@ def alignment_figure(image: Image.Image, # the image as the model saw it (`model
     W, H = image.size
     r, c = alignment["best"][token]
     _box_patch(fig, image, alignment["grid"], (r, c), 3, row=1, col=1)
-    fig.add_trace(go.Scatter(x=[(c + 0.5) * W / gw - 0.5], y=[(r + 0.5) * H / gh - 0.5], mode="markers", name="best patch",
-                             marker=dict(symbol="x", size=10, color="cyan"), showlegend=False,
-                             hovertemplate=f"best patch of '{words[token]}': row {r}, col {c}, cos {float(maps[token, r, c]):.3f}<extra></extra>"),
+    fig.add_trace(go.Scatter(x=[(c + 0.5) * W / gw - 0.5], y=[(r + 0.5) * H / gh - 0.5], mode="markers",
+                             name="best patch", marker=dict(symbol="x", size=10, color="cyan"), showlegend=False,
+                             hovertemplate=f"best patch of '{words[token]}': row {r}, col {c}, "
+                                           f"cos {float(maps[token, r, c]):.3f}<extra></extra>"),
                   row=1, col=1)
     best = alignment["best_score"].float().numpy()
     fig.add_trace(go.Heatmap(z=[best], text=[words], texttemplate="%{text}", colorscale="Inferno", zmin=lo, zmax=hi,
-                             showscale=False, xgap=2, hovertemplate="%{text}: best patch cos %{z:.3f}<extra></extra>", name="words"),
+                             showscale=False, xgap=2, hovertemplate="%{text}: best patch cos %{z:.3f}<extra></extra>",
+                             name="words"),
                   row=2, col=1)
-    fig.add_shape(type="rect", x0=token - 0.5, x1=token + 0.5, y0=-0.5, y1=0.5, line=dict(color="cyan", width=3), row=2, col=1)
+    fig.add_shape(type="rect", x0=token - 0.5, x1=token + 0.5, y0=-0.5, y1=0.5, line=dict(color="cyan", width=3),
+                  row=2, col=1)
     fig.update_xaxes(visible=False, row=2, col=1)
     fig.update_yaxes(visible=False, row=2, col=1)
-    fig.update_layout(title=title if title is not None else f"'{words[token]}': similarity to each patch (best patch boxed)",
+    fig.update_layout(title=title if title is not None
+                      else f"'{words[token]}': similarity to each patch (best patch boxed)",
                       width=460, height=560, margin=dict(l=10, r=10, t=40, b=10))
     return fig
 
@@ -98,16 +105,19 @@ def attention_grid_figure(image: Image.Image, expl: dict, max_heads: int = 8) ->
     A = expl["image_attention"]
     layers, heads = A.shape[0], min(A.shape[1], max_heads)
     fig = make_subplots(rows=layers, cols=heads, horizontal_spacing=0.01, vertical_spacing=0.02,
-                        row_titles=[f"layer {l}" for l in range(layers)], column_titles=[f"head {h}" for h in range(heads)])
+                        row_titles=[f"layer {l}" for l in range(layers)],
+                        column_titles=[f"head {h}" for h in range(heads)])
     for l in range(layers):
         for h in range(heads):
-            _overlay(fig, image, A[l, h], row=l + 1, col=h + 1, showscale=False, opacity=0.7, name=f"layer {l} head {h}")
-    fig.update_layout(title="attention of the class token to each patch", width=120 * heads + 120, height=120 * layers + 80,
-                      margin=dict(l=10, r=40, t=70, b=10))
+            _overlay(fig, image, A[l, h], row=l + 1, col=h + 1, showscale=False, opacity=0.7,
+                     name=f"layer {l} head {h}")
+    fig.update_layout(title="attention of the class token to each patch", width=120 * heads + 120,
+                      height=120 * layers + 80, margin=dict(l=10, r=40, t=70, b=10))
     return fig
 
 def explanation_figure(image: Image.Image, expl: dict, layer: int = -1, head: Optional[int] = None) -> go.Figure:
-    "Raw attention (one layer; one head or their mean), rollout and gradient relevance, for the image and for the words."
+    """Raw attention (one layer; one head or their mean), rollout and gradient relevance,
+    for the image and for the words."""
     A, T = expl["image_attention"], expl["text_attention"]
     layer = layer % A.shape[0]
     which = "mean of heads" if head is None else f"head {head}"
@@ -119,9 +129,11 @@ def explanation_figure(image: Image.Image, expl: dict, layer: int = -1, head: Op
     for k, heat in enumerate((a, expl["image_rollout"], expl["image_relevance"])):
         _overlay(fig, image, heat, row=1, col=k + 1, showscale=False, name=titles[k])
     for k, vals in enumerate((t, expl["text_rollout"], expl["text_relevance"])):
-        fig.add_trace(go.Bar(x=list(range(len(expl["words"]))), y=vals.numpy(), marker_color="#d95f02", showlegend=False,
-                             customdata=expl["words"], hovertemplate="%{customdata}: %{y:.3f}<extra></extra>"), row=2, col=k + 1)
-        fig.update_xaxes(tickvals=list(range(len(expl["words"]))), ticktext=expl["words"], tickangle=-45, row=2, col=k + 1)
+        fig.add_trace(go.Bar(x=list(range(len(expl["words"]))), y=vals.numpy(), marker_color="#d95f02",
+                             showlegend=False, customdata=expl["words"],
+                             hovertemplate="%{customdata}: %{y:.3f}<extra></extra>"), row=2, col=k + 1)
+        fig.update_xaxes(tickvals=list(range(len(expl["words"]))), ticktext=expl["words"], tickangle=-45,
+                         row=2, col=k + 1)
     fig.update_layout(title=f"where the model looks (image-text cosine {expl['score']:.3f})", width=900, height=520,
                       margin=dict(l=10, r=10, t=70, b=10))
     return fig
@@ -129,7 +141,8 @@ def explanation_figure(image: Image.Image, expl: dict, layer: int = -1, head: Op
 # %% ../nbs/08_viz.ipynb #08-025
 @torch.no_grad()
 def caption_scores(model: VLModel, image, captions: Sequence[str]) -> dict:
-    "Cosine similarity, softmax probability (at the model's temperature) and FILIP caption-to-patch map of each caption."
+    """Cosine similarity, softmax probability (at the model's temperature) and FILIP caption-to-patch map
+    of each caption."""
     if not captions: raise ValueError("no captions to compare")
     model.eval()
     x = image if isinstance(image, torch.Tensor) else prepare(model, image)
@@ -145,14 +158,16 @@ def caption_scores(model: VLModel, image, captions: Sequence[str]) -> dict:
 def caption_comparison_figure(images: dict, # model name -> the image as that model saw it
                               scores: dict, # model name -> `caption_scores(...)`
                               ) -> go.Figure:
-    "Per model: a bar of each caption's softmax probability (cosine in the label), and each caption's map over the image."
+    """Per model: a bar of each caption's softmax probability (cosine in the label),
+    and each caption's map over the image."""
     names = list(scores)
     captions = scores[names[0]]["captions"]
     n = len(captions)
     specs = [[{"rowspan": n}, {}] * len(names)] + [[None, {}] * len(names) for _ in range(n - 1)]
     fig = make_subplots(rows=n, cols=2 * len(names), specs=specs, column_widths=[0.62, 0.38] * len(names),
                         horizontal_spacing=0.02, vertical_spacing=0.02,
-                        column_titles=sum(([f"<b>{k}</b>: probability over captions", "caption → patch"] for k in names), []))
+                        column_titles=sum(([f"<b>{k}</b>: probability over captions", "caption → patch"]
+                                           for k in names), []))
     lo = min(float(s["maps"].min()) for s in scores.values())
     hi = max(float(s["maps"].max()) for s in scores.values())
     short = [c if len(c) <= 48 else c[:45] + "..." for c in captions]
@@ -161,15 +176,18 @@ def caption_comparison_figure(images: dict, # model name -> the image as that mo
         best = int(s["probs"].argmax())
         fig.add_trace(go.Bar(y=short[::-1], x=s["probs"].numpy()[::-1], orientation="h", showlegend=False,
                              marker_color=["#1b9e77" if i == best else "#7570b3" for i in range(n)][::-1],
-                             text=[f"{p:.0%} (cos {c:.3f})" for p, c in zip(s["probs"].tolist(), s["cosine"].tolist())][::-1],
-                             textposition="auto", customdata=captions[::-1], hovertemplate="%{customdata}<br>p=%{x:.3f}<extra></extra>"),
+                             text=[f"{p:.0%} (cos {c:.3f})"
+                                   for p, c in zip(s["probs"].tolist(), s["cosine"].tolist())][::-1],
+                             textposition="auto", customdata=captions[::-1],
+                             hovertemplate="%{customdata}<br>p=%{x:.3f}<extra></extra>"),
                       row=1, col=2 * j + 1)
         fig.update_xaxes(range=[0, 1], row=1, col=2 * j + 1)
         if j: fig.update_yaxes(showticklabels=False, row=1, col=2 * j + 1)
         for i in range(n):
-            _overlay(fig, images[k], s["maps"][i], row=i + 1, col=2 * j + 2, zmin=lo, zmax=hi, showscale=False, name=captions[i])
-    fig.update_layout(title="which caption does the model prefer?", width=max(700, 560 * len(names)), height=max(320, 130 * n + 90),
-                      margin=dict(l=10, r=10, t=70, b=10))
+            _overlay(fig, images[k], s["maps"][i], row=i + 1, col=2 * j + 2, zmin=lo, zmax=hi, showscale=False,
+                     name=captions[i])
+    fig.update_layout(title="which caption does the model prefer?", width=max(700, 560 * len(names)),
+                      height=max(320, 130 * n + 90), margin=dict(l=10, r=10, t=70, b=10))
     return fig
 
 # %% ../nbs/08_viz.ipynb #08-028
@@ -178,15 +196,17 @@ def project_2d(x: torch.Tensor, method: str = "pca", seed: int = 0) -> np.ndarra
     x = x.float().cpu()
     if method == "umap":
         try: import umap
-        except ImportError: raise ImportError("method='umap' needs umap-learn (pip install umap-learn); method='pca' needs nothing") from None
+        except ImportError: raise ImportError("method='umap' needs umap-learn (pip install umap-learn); "
+                                              "method='pca' needs nothing") from None
         return umap.UMAP(n_components=2, random_state=seed).fit_transform(x.numpy())
     if method != "pca": raise ValueError(f"unknown projection {method!r}: 'pca' or 'umap'")
     xc = x - x.mean(0)
     _, _, V = torch.linalg.svd(xc, full_matrices=False)
     return (xc @ V[:2].T).numpy()
 
-def embedding_scatter_figure(image_embed: torch.Tensor, text_embed: torch.Tensor, labels: Optional[Sequence[str]] = None,
-                             method: str = "pca", pairs: bool = True) -> go.Figure:
+def embedding_scatter_figure(image_embed: torch.Tensor, text_embed: torch.Tensor,
+                             labels: Optional[Sequence[str]] = None, method: str = "pca",
+                             pairs: bool = True) -> go.Figure:
     "Image and text embeddings projected together; row i of each is a matching pair; the modality gap in the title."
     n = len(image_embed)
     xy = project_2d(torch.cat([image_embed, text_embed]), method)
@@ -196,20 +216,25 @@ def embedding_scatter_figure(image_embed: torch.Tensor, text_embed: torch.Tensor
     if pairs and len(text_embed) == n:
         lx = np.stack([xy[:n, 0], xy[n:, 0], np.full(n, np.nan)], 1).ravel()
         ly = np.stack([xy[:n, 1], xy[n:, 1], np.full(n, np.nan)], 1).ravel()
-        fig.add_trace(go.Scattergl(x=lx, y=ly, mode="lines", line=dict(color="rgba(120,120,120,0.25)", width=1), name="pairs", hoverinfo="skip"))
-    fig.add_trace(go.Scattergl(x=xy[:n, 0], y=xy[:n, 1], mode="markers", name="images", marker=dict(color="#1f77b4", size=7),
+        fig.add_trace(go.Scattergl(x=lx, y=ly, mode="lines", line=dict(color="rgba(120,120,120,0.25)", width=1),
+                                   name="pairs", hoverinfo="skip"))
+    fig.add_trace(go.Scattergl(x=xy[:n, 0], y=xy[:n, 1], mode="markers", name="images",
+                               marker=dict(color="#1f77b4", size=7),
                                text=labels, hovertemplate="image: %{text}<extra></extra>"))
-    fig.add_trace(go.Scattergl(x=xy[n:, 0], y=xy[n:, 1], mode="markers", name="texts", marker=dict(color="#d62728", size=7, symbol="diamond"),
+    fig.add_trace(go.Scattergl(x=xy[n:, 0], y=xy[n:, 1], mode="markers", name="texts",
+                               marker=dict(color="#d62728", size=7, symbol="diamond"),
                                text=labels[:len(text_embed)], hovertemplate="text: %{text}<extra></extra>"))
     for part, colour in ((xy[:n], "#1f77b4"), (xy[n:], "#d62728")):
-        fig.add_trace(go.Scatter(x=[part[:, 0].mean()], y=[part[:, 1].mean()], mode="markers", showlegend=False, hoverinfo="skip",
+        fig.add_trace(go.Scatter(x=[part[:, 0].mean()], y=[part[:, 1].mean()], mode="markers", showlegend=False,
+                                 hoverinfo="skip",
                                  marker=dict(symbol="x-thin", size=18, line=dict(width=3, color=colour))))
     fig.update_layout(title=f"embeddings ({method.upper()}), modality gap {gap:.3f}",
                       width=640, height=520, margin=dict(l=10, r=10, t=50, b=10))
     return fig
 
 def read_metrics_csv(run_dir) -> dict[str, list[tuple[int, float]]]:
-    "Every logged series of a run folder's `metrics.csv` (Lightning's CSVLogger, anywhere under it): name -> [(step, value)]."
+    """Every logged series of a run folder's `metrics.csv` (Lightning's CSVLogger, anywhere under it):
+    name -> [(step, value)]."""
     files = sorted(Path(run_dir).rglob("metrics.csv"))
     if not files: raise FileNotFoundError(f"no metrics.csv under {run_dir} (training logs are written to RUN_DIR/logs)")
     series: dict[str, list] = {}
@@ -226,7 +251,8 @@ def read_metrics_csv(run_dir) -> dict[str, list[tuple[int, float]]]:
 def training_curves_figure(run_dir) -> go.Figure:
     "Loss terms (train and validation), in-batch accuracies and the logit scale of a run, against the optimiser step."
     s = read_metrics_csv(run_dir)
-    fig = make_subplots(rows=1, cols=3, subplot_titles=["losses", "in-batch accuracy", "logit scale"], horizontal_spacing=0.07)
+    fig = make_subplots(rows=1, cols=3, subplot_titles=["losses", "in-batch accuracy", "logit scale"],
+                        horizontal_spacing=0.07)
     panel = lambda k: 3 if k.endswith("logit_scale") else 2 if k.endswith("_acc") else 1
     for k in sorted(s):
         if not k.startswith(("train/", "val/")): continue
@@ -250,8 +276,8 @@ def alignment_grid_figure(image: Image.Image, alignment: dict, per_row: int = 7,
         r0, c0 = k // cols + 1, k % cols + 1
         _overlay(fig, image, maps[k], row=r0, col=c0, zmin=lo, zmax=hi, showscale=k == 0, name=words[k])
         _box_patch(fig, image, alignment["grid"], alignment["best"][k], 2, row=r0, col=c0)
-    fig.update_layout(title="each word's similarity to each patch (FILIP); best patch boxed", width=max(400, 150 * cols + 60),
-                      height=160 * rows + 70, margin=dict(l=10, r=10, t=60, b=10))
+    fig.update_layout(title="each word's similarity to each patch (FILIP); best patch boxed",
+                      width=max(400, 150 * cols + 60), height=160 * rows + 70, margin=dict(l=10, r=10, t=60, b=10))
     return fig
 
 # %% ../nbs/08_viz.ipynb #08-043b
@@ -267,7 +293,8 @@ def study_figure(summary: list[dict], # rows of `vlwb.study.summarise` (arm, met
     for k, m in enumerate(metrics):
         by = {r["arm"]: r for r in rows if r["metric"] == m}
         xs = [a for a in arms if a in by]
-        fig.add_bar(x=xs, y=[by[a]["mean"] for a in xs], marker_color=[colours[arms.index(a)] for a in xs], showlegend=False,
+        fig.add_bar(x=xs, y=[by[a]["mean"] for a in xs], marker_color=[colours[arms.index(a)] for a in xs],
+                    showlegend=False,
                     error_y=dict(type="data", symmetric=False, array=[by[a]["ci_high"] - by[a]["mean"] for a in xs],
                                  arrayminus=[by[a]["mean"] - by[a]["ci_low"] for a in xs]),
                     hovertemplate="%{x}: %{y:.3f}<extra>" + m + "</extra>", row=1, col=k + 1)
@@ -291,10 +318,11 @@ def study_curves_figure(curves: list[dict], # rows (arm, seed, step, loss) of a 
             k = np.ones(smooth) / smooth
             ys, steps = np.array([np.convolve(y, k, mode="valid") for y in ys]), steps[smooth - 1:]
         mean, std = ys.mean(0), ys.std(0)
-        fig.add_scatter(x=steps + steps[::-1], y=list(mean + std) + list((mean - std)[::-1]), fill="toself", fillcolor=colour,
-                        opacity=0.2, line=dict(width=0), hoverinfo="skip", showlegend=False)
+        fig.add_scatter(x=steps + steps[::-1], y=list(mean + std) + list((mean - std)[::-1]), fill="toself",
+                        fillcolor=colour, opacity=0.2, line=dict(width=0), hoverinfo="skip", showlegend=False)
         fig.add_scatter(x=steps, y=mean, name=f"{arm} ({len(runs)} seeds)", line=dict(color=colour))
-    fig.update_layout(height=340, width=620, xaxis_title="step", yaxis_title="training loss", margin=dict(t=30, b=10, l=10, r=10))
+    fig.update_layout(height=340, width=620, xaxis_title="step", yaxis_title="training loss",
+                      margin=dict(t=30, b=10, l=10, r=10))
     return fig
 
 def _cycle_colours(n: int) -> list[str]:

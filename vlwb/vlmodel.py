@@ -21,9 +21,9 @@ __all__ = ['BACKENDS', 'VLModel', 'offline']
 BACKENDS = Registry("backend")
 
 class VLModel(nn.Module):
-    """A dual encoder: two towers into one joint space and a learnable temperature, and everything a caller needs to feed
-    it: its `tokenizer` (a `TextTokenizer`) and its image `preprocess` (a `Preprocess`). Data, evaluation, figures, widgets
-    and the demo use this interface and nothing backend-specific."""
+    """A dual encoder: two towers into one joint space and a learnable temperature, and everything a caller needs to
+    feed it: its `tokenizer` (a `TextTokenizer`) and its image `preprocess` (a `Preprocess`). Data, evaluation,
+    figures, widgets and the demo use this interface and nothing backend-specific."""
     backend: str = "" # the registry name: `create_model("<backend>:<name>")`
     lora_targets: tuple = () # names (suffixes) of the attention projections LoRA adapts (`vlwb.models.add_lora`)
     max_logit_scale: float = math.log(100)
@@ -46,7 +46,8 @@ class VLModel(nn.Module):
 
     # --- the towers
     def encode_image(self, images: torch.Tensor, attn: bool = False) -> ImageEnc: raise NotImplementedError
-    def encode_text(self, texts, mask: Optional[torch.Tensor] = None, attn: bool = False) -> TextEnc: raise NotImplementedError
+    def encode_text(self, texts, mask: Optional[torch.Tensor] = None, attn: bool = False) -> TextEnc:
+        raise NotImplementedError
 
     # --- inputs, all derived from `tokenizer` and `preprocess`
     @property
@@ -95,7 +96,8 @@ class VLModel(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        "Width of the joint space (measured on one blank image: every backend encodes images, not every one has a tokenizer)."
+        """Width of the joint space (measured on one blank image: every backend encodes images, not every one has a
+        tokenizer)."""
         x = torch.zeros(1, 3, self.image_size, self.image_size, device=self.logit_scale.device)
         with torch.no_grad(): return int(self.encode_image(x).embed.shape[-1])
 

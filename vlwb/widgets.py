@@ -23,7 +23,8 @@ __all__ = ['default_sources', 'figure_output', 'Explorer']
 
 # %% ../nbs/09_widgets.ipynb #09-006
 def default_sources() -> dict[str, str]:
-    "Sources found on this machine: vlwb's real photo samples (in a source checkout) and any shapes world test splits under runs/."
+    """Sources found on this machine: vlwb's real photo samples (in a source checkout)
+    and any shapes world test splits under runs/."""
     out = {}
     import vlwb
     samples = Path(vlwb.__file__).resolve().parent.parent / "data" / "skimage_samples.jsonl"
@@ -43,7 +44,8 @@ def figure_output(fig) -> dict:
 
 # %% ../nbs/09_widgets.ipynb #09-010
 class Explorer:
-    "Word-patch alignment, attention and caption comparison for one or two models, driven by widgets; `display(explorer)` shows it."
+    """Word-patch alignment, attention and caption comparison for one or two models, driven by widgets;
+    `display(explorer)` shows it."""
     views = ("alignment", "attention", "compare")
 
     def __init__(self, models: VLModel | dict, # one model, or name -> model (the first is model A)
@@ -66,12 +68,14 @@ class Explorer:
         self.w_caption = W.Text(description="caption", continuous_update=False, layout=W.Layout(width="520px"))
         self.w_others = W.Textarea(description="compare", placeholder="other captions, one per line",
                                    layout=W.Layout(width="520px", height="80px"))
-        self.w_negatives = W.Button(description="hard negatives", tooltip="fill the comparison with hard negatives of the caption")
+        self.w_negatives = W.Button(description="hard negatives",
+                                    tooltip="fill the comparison with hard negatives of the caption")
         self.w_token = W.ToggleButtons(description="word", style={"button_width": "auto"})
         self.w_layer = W.IntSlider(description="layer", min=0, max=0)
         self.w_head = W.IntSlider(description="head", min=-1, max=0, value=-1, tooltip="-1: mean of the heads")
         self.w_a = W.Dropdown(options=names, value=names[0], description="model A")
-        self.w_b = W.Dropdown(options=["(none)"] + names, value=names[1] if len(names) > 1 else "(none)", description="model B")
+        self.w_b = W.Dropdown(options=["(none)"] + names, value=names[1] if len(names) > 1 else "(none)",
+                              description="model B")
         self.w_status = W.HTML()
         self.outs = {v: (W.Output(), W.Output()) for v in self.views}
         self.w_tabs = W.Tab(children=[W.HBox(list(self.outs[v])) for v in self.views], titles=self.views)
@@ -117,7 +121,8 @@ class Explorer:
         else: self.w_image.value = index
 
     def upload(self, files):
-        "Add uploaded image files (ipywidgets' FileUpload value) to the picker; files that are not images are reported, not added."
+        """Add uploaded image files (ipywidgets' FileUpload value) to the picker;
+        files that are not images are reported, not added."""
         for f in files:
             data = bytes(f["content"])
             try: interpret.as_image(data)
@@ -125,7 +130,8 @@ class Explorer:
                 self._say(f"{f['name']}: not a usable image ({e})", error=True)
                 continue
             key = "upload:" + hashlib.sha1(data).hexdigest()[:12]
-            self.entries.append({"label": f"uploaded: {f['name']}", "image": data, "caption": "", "negatives": [], "key": key})
+            self.entries.append({"label": f"uploaded: {f['name']}", "image": data, "caption": "", "negatives": [],
+                                 "key": key})
             self._set_images(len(self.entries) - 1)
 
     @property
@@ -172,8 +178,9 @@ class Explorer:
     def _cached(self, kind, name, *key):
         k = (kind, name, self._key(self.entry), *key)
         if k not in self.cache:
-            fn = {"x": interpret.prepare, "view": lambda m, x: viz.model_view(m, x), "align": interpret.word_patch_alignment,
-                  "explain": interpret.explain, "scores": viz.caption_scores}[kind]
+            fn = {"x": interpret.prepare, "view": lambda m, x: viz.model_view(m, x),
+                  "align": interpret.word_patch_alignment, "explain": interpret.explain,
+                  "scores": viz.caption_scores}[kind]
             m = self.models[name]
             self.cache[k] = fn(m, self.entry["image"]) if kind == "x" else fn(m, self._cached("x", name), *key)
         return self.cache[k]
@@ -201,8 +208,10 @@ class Explorer:
             for n in names:
                 ex = self._explain(n)
                 head = None if self.w_head.value < 0 else min(self.w_head.value, ex["image_attention"].shape[1] - 1)
-                figs.append(viz.explanation_figure(self._view(n), ex, layer=min(self.w_layer.value, ex["image_attention"].shape[0] - 1),
-                                                   head=head).update_layout(title=f"{n}: where the model looks (cosine {ex['score']:.3f})"))
+                figs.append(viz.explanation_figure(self._view(n), ex,
+                                                   layer=min(self.w_layer.value, ex["image_attention"].shape[0] - 1),
+                                                   head=head)
+                            .update_layout(title=f"{n}: where the model looks (cosine {ex['score']:.3f})"))
             return figs
         caps = self._captions()
         return [viz.caption_comparison_figure({n: self._view(n) for n in names},

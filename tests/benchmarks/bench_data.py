@@ -3,8 +3,8 @@
     python tests/benchmarks/bench_data.py [--n 8000] [--batch-size 128]
 
 Prints images/s of shapes world generation (in memory, and written as PNG + JSONL + tar shards) with 1 and with all
-processes, then samples/s of the loaders (JSONL + PNG files, and tar shards; 0 and 2 worker processes) beside samples/s a
-training step of builtin:tiny consumes, and their ratio (above 1: the loader is not the bottleneck).
+processes, then samples/s of the loaders (JSONL + PNG files, and tar shards; 0 and 2 worker processes) beside samples/s
+a training step of builtin:tiny consumes, and their ratio (above 1: the loader is not the bottleneck).
 """
 import argparse
 import os
@@ -90,8 +90,10 @@ def main():
     for w in sorted({1, cpus}):
         print(f"  in memory       {w} process{'es' if w > 1 else '  '}: {generation(a.n, w):8.0f} images/s")
     for w in sorted({1, cpus}):
-        print(f"  written (PNG+JSONL+shards), {w} process{'es' if w > 1 else ''}: {writing(a.n, w, True):8.0f} images/s")
-        print(f"  written (shards only),      {w} process{'es' if w > 1 else ''}: {writing(a.n, w, False):8.0f} images/s")
+        print(f"  written (PNG+JSONL+shards), {w} process{'es' if w > 1 else ''}: "
+              f"{writing(a.n, w, True):8.0f} images/s")
+        print(f"  written (shards only),      {w} process{'es' if w > 1 else ''}: "
+              f"{writing(a.n, w, False):8.0f} images/s")
 
     from vlwb.shapes import generate_shapes_world
     d = tempfile.mkdtemp()

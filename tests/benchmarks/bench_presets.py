@@ -42,16 +42,19 @@ def main():
             times = tmp / f"{p}.times"
             env = dict(os.environ, HF_HUB_OFFLINE="1", VLWB_STEP_TIMES=str(times),
                        PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-            r = subprocess.run([shutil.which("vlwb"), "train", p, "--data.shapes", str(tmp / "world"), "--out", str(tmp / p),
+            r = subprocess.run([shutil.which("vlwb"), "train", p, "--data.shapes", str(tmp / "world"),
+                                "--out", str(tmp / p),
                                 "--model.model", a.model, "--trainer.max_steps", str(a.steps), "--progress", "false",
                                 "--trainer.val_check_interval", str(a.steps), "--save_every", str(a.steps),
-                                "--trainer.callbacks+=bench_presets.StepTimer"], env=env, capture_output=True, text=True)
+                                "--trainer.callbacks+=bench_presets.StepTimer"],
+                               env=env, capture_output=True, text=True)
             if r.returncode: sys.exit(f"{p}: {r.stderr[-3000:]}")
             log = [row for row in csv.DictReader(open(tmp / p / "logs" / "metrics.csv")) if row.get("train/loss")]
             loss = [float(row["train/loss"]) for row in log]
             step = [float(t) for t in times.read_text().split()]
             rows[p] = (mean(loss[:10]), mean(loss[-10:]), mean(step))
-        print(f"{'preset':10} {'loss first 10':>14} {'last 10':>8} {'falls':>6} {'s/step':>7} {'x clip':>7}   ({a.steps} steps, {a.model})")
+        print(f"{'preset':10} {'loss first 10':>14} {'last 10':>8} {'falls':>6} {'s/step':>7} {'x clip':>7}   "
+              f"({a.steps} steps, {a.model})")
         for p, (l0, l1, s) in rows.items():
             print(f"{p:10} {l0:14.3f} {l1:8.3f} {str(l1 < l0):>6} {s:7.3f} {s / rows['clip'][2]:7.2f}")
     finally:
