@@ -27,7 +27,8 @@ def test_bench_quick_writes_its_table(tmp_path):
             ("loader samples/s", "training step consumption"),
             ("zero-shot eval images/s", "CLIP_benchmark zero-shot pipeline"),
             ("demo alignment p95 (HTTP)", "300 ms budget"), ("demo alignment p50 (HTTP)", "same handler in-process"),
-            ("shard write (PNG + tar)", "Pillow PNG (compress_level=1)")} <= figures
+            ("shard write (PNG + tar)", "Pillow PNG (compress_level=1)"),
+            ("towers head step pairs/s (cached)", "through the frozen towers")} <= figures
     assert any(f.startswith("widget redraw p95") and peer == "300 ms budget" for f, peer in figures)
     for row in result["rows"]:
         assert set(row) >= {"figure", "vlwb", "peer", "ratio", "unit", "peer_name", "target"}

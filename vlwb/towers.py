@@ -205,25 +205,34 @@ class TowersModel(VLModel):
         if not plus: raise ValueError(f"towers are named 'towers:IMAGE+TEXT', got {name!r}")
         return cls(image, text, **overrides)
 
+    def _graph(self, frozen: bool) -> bool:
+        "Record a frozen tower's graph only outside training (gradients for relevance maps), never in a training step."
+        return torch.is_grad_enabled() and not (frozen and self.training)
+
     def image_layers(self, images: torch.Tensor) -> list[torch.Tensor]:
         "Every layer's feature map `[B,C,h,w]` of the image tower."
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_image): return self.image_tower(images)
+        with torch.set_grad_enabled(self._graph(self.freeze_image)): return self.image_tower(images)
 
     def text_layers(self, ids, mask, attn: bool = False):
         "Every layer's hidden states `[T,L,H]` of the text tower (and its attention, on request)."
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_text):
-            return self.text_tower(ids, mask, attn)
+        with torch.set_grad_enabled(self._graph(self.freeze_text)): return self.text_tower(ids, mask, attn)
 
-    def encode_image(self, images: torch.Tensor, attn: bool = False) -> ImageEnc:
-        f = self.image_layers(images)[self.image_layer] # [B,C,h,w]
+    def image_enc(self, f: torch.Tensor) -> ImageEnc:
+        "The heads on the image tower's feature map `[B,C,h,w]` of the layer they read (computed now or cached)."
         pooled, tokens = f.mean((2, 3)), f.flatten(2).transpose(1, 2)
         return ImageEnc(embed=l2norm(self.image_head(pooled)), tokens=l2norm(self.image_head(tokens)),
                         grid=tuple(f.shape[2:]), features=pooled)
 
-    def encode_text(self, texts, mask: Optional[torch.Tensor] = None, attn: bool = False) -> TextEnc:
-        ids, mask = self._ids(texts, mask)
-        hidden, maps = self.text_layers(ids, mask, attn)
-        h = hidden[self.text_layer]
+    def text_enc(self, h: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, maps=None) -> TextEnc:
+        "The heads on the text tower's hidden states `[T,L,H]` of the layer they read (computed now or cached)."
         pooled = mean_pool(h, mask)
         return TextEnc(embed=l2norm(self.text_head(pooled)), tokens=l2norm(self.text_head(h)), mask=mask, attn=maps,
                        words=self.word_mask(ids, mask), features=pooled)
+
+    def encode_image(self, images: torch.Tensor, attn: bool = False) -> ImageEnc:
+        return self.image_enc(self.image_layers(images)[self.image_layer])
+
+    def encode_text(self, texts, mask: Optional[torch.Tensor] = None, attn: bool = False) -> TextEnc:
+        ids, mask = self._ids(texts, mask)
+        hidden, maps = self.text_layers(ids, mask, attn)
+        return self.text_enc(hidden[self.text_layer], ids, mask, maps)

@@ -119,14 +119,19 @@ def explanation_figure(image: Image.Image, expl: dict, layer: int = -1, head: Op
     """Raw attention (one layer; one head or their mean), rollout and gradient relevance,
     for the image and for the words."""
     A, T = expl["image_attention"], expl["text_attention"]
-    layer = layer % A.shape[0]
+    layer = layer % (A if A is not None else T).shape[0]
     which = "mean of heads" if head is None else f"head {head}"
-    a = A[layer].mean(0) if head is None else A[layer, head]
     t = T[layer % T.shape[0]].mean(0) if head is None else T[layer % T.shape[0], head % T.shape[1]]
-    titles = [f"attention, layer {layer}, {which}", "attention rollout", "gradient relevance (Chefer)"]
+    if A is None: # an image tower without attention: its gradient x input map, the words' attention as usual
+        titles = ["image: gradient x input (no attention)", "", ""]
+        heats = (expl["image_relevance"],)
+    else:
+        titles = [f"attention, layer {layer}, {which}", "attention rollout", "gradient relevance (Chefer)"]
+        heats = (A[layer].mean(0) if head is None else A[layer, head], expl["image_rollout"], expl["image_relevance"])
     fig = make_subplots(rows=2, cols=3, row_heights=[0.72, 0.28], vertical_spacing=0.1, horizontal_spacing=0.03,
-                        subplot_titles=titles + [""] * 3)
-    for k, heat in enumerate((a, expl["image_rollout"], expl["image_relevance"])):
+                        subplot_titles=titles + [f"words: attention, layer {layer}, {which}", "words: rollout",
+                                                 "words: gradient relevance"])
+    for k, heat in enumerate(heats):
         _overlay(fig, image, heat, row=1, col=k + 1, showscale=False, name=titles[k])
     for k, vals in enumerate((t, expl["text_rollout"], expl["text_relevance"])):
         fig.add_trace(go.Bar(x=list(range(len(expl["words"]))), y=vals.numpy(), marker_color="#d95f02",
