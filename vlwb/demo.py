@@ -186,8 +186,7 @@ class DemoApp:
     def attention(self, image, caption: str, layer: int = -1, head: int = -1, model: Optional[str] = None):
         "Class-token attention (layer, head; -1 = mean of the heads), rollout and gradient relevance, and a notice."
         ex, view, note = self._image_caption(interpret.explain, image, caption, model)
-        heads = (ex["image_attention"] if ex["image_attention"] is not None else ex["text_attention"]).shape[1]
-        head = None if head is None or int(head) < 0 else min(int(head), heads - 1)
+        head = None if head is None or int(head) < 0 else min(int(head), interpret.attention_shape(ex)[1] - 1)
         return viz.explanation_figure(view, ex, layer=int(layer), head=head), note
 
     def negatives(self, caption: str) -> tuple[str, str]:

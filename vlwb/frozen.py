@@ -17,7 +17,7 @@ from .core import PairBatch
 from .records import ImageCaptionDataset
 from .towers import TowersModel, mean_pool
 from .losses import Objectives
-from .train import dataset_fingerprint
+from .train import dataset_fingerprint, median_seconds, tensor_digest
 
 # %% auto #0
 __all__ = ['towers_key', 'cache_features', 'fit_heads', 'bench_heads']
@@ -28,10 +28,7 @@ def towers_key(model: TowersModel, ds: ImageCaptionDataset) -> str:
     spec = {k: model.spec[k] for k in ("image", "text", "image_layer", "text_layer", "pretrained", "image_size",
                                        "context_length")}
     h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-    for k, v in sorted({**model.image_tower.state_dict(prefix="image."),
-                        **model.text_tower.state_dict(prefix="text.")}.items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    tensor_digest(h, {**model.image_tower.state_dict(prefix="image."), **model.text_tower.state_dict(prefix="text.")})
     h.update(dataset_fingerprint(ds).encode())
     return h.hexdigest()
 
@@ -81,8 +78,7 @@ def fit_heads(model: TowersModel, feats: Mapping[str, torch.Tensor], # from `cac
               steps: int = 1000, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 1e-4,
               seed: int = 0, progress: bool = True) -> list[dict]:
     "Train `model`'s heads on cached tower features; returns the losses logged every step."
-    obj = Objectives(objectives, embed_dim=model.image_head.out_features if hasattr(model.image_head, "out_features")
-                     else None)
+    obj = Objectives(objectives, embed_dim=model.spec["embed_dim"])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
     g = torch.Generator().manual_seed(seed)
@@ -110,7 +106,6 @@ def fit_heads(model: TowersModel, feats: Mapping[str, torch.Tensor], # from `cac
 def bench_heads(model: TowersModel, feats: Mapping[str, torch.Tensor], images: torch.Tensor, texts: list[str],
                 batch_size: int = 32, reps: int = 3) -> tuple[float, float]:
     "Pairs per second of a head-training step on cached features, and through the frozen towers."
-    from vlwb.train import median_seconds
     obj = Objectives({"clip": 1.0})
     b = min(batch_size, len(images), len(feats["image_map"]))
     ids, mask = model.tokenize(texts[:b])

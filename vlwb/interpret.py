@@ -17,7 +17,7 @@ from .models import VLModel
 
 # %% auto #0
 __all__ = ['as_image', 'prepare', 'token_labels', 'word_patch_alignment', 'alignment_from_encodings', 'attention_rollout',
-           'chefer_relevance', 'explain']
+           'chefer_relevance', 'attention_shape', 'explain']
 
 # %% ../nbs/08a_interpret.ipynb #08-006
 def as_image(x) -> Image.Image:
@@ -107,6 +107,10 @@ class _grads_on:
     def __exit__(self, *exc):
         self.grad.__exit__(*exc)
         for p, r in self.saved: p.requires_grad_(r)
+
+def attention_shape(expl: dict) -> tuple[int, int]:
+    "(layers, heads) of an explanation's attention: the image tower's, or the text tower's where the image has none."
+    return tuple((expl["image_attention"] if expl["image_attention"] is not None else expl["text_attention"]).shape[:2])
 
 def explain(model: VLModel, image, caption: str) -> dict:
     """Everything the attention figures show for one image and caption: per-layer attention, rollout and gradient

@@ -26,8 +26,8 @@ from .align import StructureObjective  # noqa: F401 (registers the structure obj
 # %% auto #0
 __all__ = ['PRESETS', 'in_batch_accuracy', 'warmup_cosine', 'no_decay', 'second_view', 'VLModule', 'SafetensorsCheckpoint',
            'quiet_lightning', 'median_seconds', 'matmul_rate', 'fastest_precision', 'check_precision', 'make_trainer',
-           'model_fingerprint', 'dataset_fingerprint', 'image_neighbours', 'HardNegativeImages', 'preset_path', 'VLCLI',
-           'train_cli']
+           'model_fingerprint', 'tensor_digest', 'dataset_fingerprint', 'image_neighbours', 'HardNegativeImages',
+           'preset_path', 'VLCLI', 'train_cli']
 
 # %% ../nbs/06_train.ipynb #06-005
 def in_batch_accuracy(img_embed: torch.Tensor, text_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,10 +248,15 @@ def make_trainer(out, # run folder: logs/ (CSV) and checkpoint/ go here
 def model_fingerprint(model: VLModel) -> str:
     "A hash of a model's spec and weights: equal exactly when the model computes the same function."
     h = hashlib.sha256(json.dumps(model.spec, sort_keys=True, default=str).encode())
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()) # any dtype
+    tensor_digest(h, model.state_dict())
     return h.hexdigest()
+
+def tensor_digest(h, state: dict):
+    "Feed every tensor of `state` (names and bytes, any dtype, in name order) into the hash `h`; returns `h`."
+    for k, v in sorted(state.items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h
 
 def dataset_fingerprint(ds: ImageCaptionDataset) -> str:
     "A hash of a dataset's records and of each image file's size and modification time."

@@ -43,10 +43,6 @@ def figure_output(fig) -> dict:
                      "text/plain": f"<plotly figure: {fig.layout.title.text or ''}>"}}
 
 # %% ../nbs/09_widgets.ipynb #09-010
-def _attention_shape(ex: dict) -> tuple[int, int]:
-    "(layers, heads) of an explanation's attention: the image tower's, or the text tower's where the image has none."
-    return tuple((ex["image_attention"] if ex["image_attention"] is not None else ex["text_attention"]).shape[:2])
-
 class Explorer:
     """Word-patch alignment, attention and caption comparison for one or two models, driven by widgets;
     `display(explorer)` shows it."""
@@ -170,7 +166,7 @@ class Explorer:
             self.w_token.options = [(w or "·", k) for k, w in enumerate(words)]
             if words: self.w_token.value = min(old or 0, len(words) - 1) if old is not None else 0
             ex = self._explain(a)
-            self.w_layer.max, self.w_head.max = (s - 1 for s in _attention_shape(ex))
+            self.w_layer.max, self.w_head.max = (s - 1 for s in interpret.attention_shape(ex))
             if self.w_layer.value == 0 and not self.figures: self.w_layer.value = self.w_layer.max
             self._busy = False
         self.update()
@@ -211,7 +207,7 @@ class Explorer:
             figs = []
             for n in names:
                 ex = self._explain(n)
-                layers, heads = _attention_shape(ex)
+                layers, heads = interpret.attention_shape(ex)
                 head = None if self.w_head.value < 0 else min(self.w_head.value, heads - 1)
                 figs.append(viz.explanation_figure(self._view(n), ex, layer=min(self.w_layer.value, layers - 1),
                                                    head=head)
