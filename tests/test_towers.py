@@ -57,6 +57,8 @@ def test_bad_tower_names(towers):
         create_model("towers:efficientnet-lite0")
     with pytest.raises(IndexError, match="valid -7..6"):
         create_model("towers:efficientnet-lite0+minilm", text_layer=7, image_size=64)
+    with pytest.raises(ValueError, match="context_length 1000 exceeds .* 512 positions"): # tower and tokenizer named
+        create_model("towers:efficientnet-lite0+minilm", context_length=1000, image_size=64)
 
 
 def test_figures_explorer_and_report_work_on_towers(towers, world, tmp_path):

@@ -90,8 +90,10 @@ def fit_heads(model: TowersModel, feats: Mapping[str, torch.Tensor], # from `cac
         if at + batch_size > n: order, at = torch.randperm(n, generator=g), 0 # a new epoch
         idx = order[at:at + batch_size]
         at += batch_size
-        ids, mask = feats["text_ids"][idx], feats["text_mask"][idx].bool()
-        ie, te = model.image_enc(feats["image_map"][idx]), model.text_enc(feats["text_hidden"][idx], ids, mask)
+        mask = feats["text_mask"][idx].bool()
+        L = int(mask.sum(1).max()) # the cache pads to the context length; the batch's own longest text is enough
+        ids, mask = feats["text_ids"][idx, :L], mask[:, :L]
+        ie, te = model.image_enc(feats["image_map"][idx]), model.text_enc(feats["text_hidden"][idx, :L], ids, mask)
         batch = PairBatch(images=feats["image_map"][idx], text_ids=ids, text_mask=mask,
                           text_image=torch.arange(len(idx)), text_kind=torch.zeros(len(idx), dtype=torch.long))
         out = obj(ie, te, batch, model.scale, step=step)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
 import yaml
 from scipy.stats import t as student_t
 from tqdm.auto import tqdm
@@ -18,7 +19,7 @@ from .core import atomic_write, write_json
 
 # %% auto #0
 __all__ = ['Arm', 'Study', 'run_dir', 'train_args', 'run_one', 'run_study', 'interval', 'summarise', 'paired_differences',
-           'verdict', 'read_csv', 'collect', 'study_report']
+           'verdict', 'read_csv', 'collect', 'study_report', 'cached_metrics', 'structure_study']
 
 # %% ../nbs/15_study.ipynb #15-006
 @dataclass
@@ -243,3 +244,99 @@ def study_report(study: Study, out: dict, metrics: Optional[Sequence[str]] = Non
                 lines.append(f"    {d['arm']} - {d['baseline']}: {d['mean']:+.4f}  "
                              f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]{v}")
     return "\n".join(lines)
+
+# %% ../nbs/15_study.ipynb #15-018
+def _pct(f: float) -> str: return f"{f * 100:g}%"
+
+@torch.no_grad()
+def cached_metrics(model, feats: dict, # a `towers` model, and its `cache_features` of a shapes world split
+                   records: list[dict]) -> dict:
+    """Retrieval recall@1 and @5 both ways (each image and its first caption) and zero-shot shape accuracy on the
+    single-object images ("a circle", ...), from cached features: no tower runs but the text tower on the prompts."""
+    from vlwb.eval import retrieval_recall
+    from vlwb.shapes import SHAPES
+    model.eval()
+    img = model.image_enc(feats["image_map"]).embed
+    sim = img @ model.text_enc(feats["text_hidden"], feats["text_ids"], feats["text_mask"].bool()).embed.T
+    got = retrieval_recall(sim, torch.arange(len(img)), 1) | retrieval_recall(sim, torch.arange(len(img)), 5)
+    single = [i for i, r in enumerate(records) if len(r["objects"]) == 1]
+    y = torch.tensor([SHAPES.index(records[i]["objects"][0]["shape"]) for i in single])
+    prompts = model.encode_text([f"a {s}" for s in SHAPES]).embed
+    got["zeroshot_shape_acc1"] = ((img[single] @ prompts.T).argmax(1) == y).float().mean().item()
+    return got
+
+def structure_study(out="studies/structure_vs_linear", # where results.csv, summary.csv, paired.csv, study.json go
+                    towers: str = "efficientnet-lite0+minilm", image_size: int = 96,
+                    world: Optional[dict] = None, # shapes world: n_train, n_test, seed
+                    fractions: Sequence[float] = (0.01, 0.1, 1.0), # of the training pairs
+                    seeds: Sequence[int] = (0, 1, 2),
+                    steps: int = 1000, batch_size: int = 256, embed_dim: int = 256,
+                    structure_weight: float = 10.0, warmup_steps: int = 250,
+                    runs="runs/studies/structure", # the world and the feature caches
+                    progress: bool = True) -> dict:
+    """STRUCTURE against plain linear alignment (`clip` alone) on frozen towers, at fractions of the training pairs, on
+    the layers mutual kNN chooses and on the last layers (once, when it chooses them); the heads train on cached
+    features. Every arm has the same steps and batch; tidy results, intervals over seeds, and STRUCTURE - linear paired
+    by seed."""
+    from vlwb.align import best_layers, layer_alignment
+    from vlwb.frozen import cache_features, fit_heads
+    from vlwb.models import create_model
+    from vlwb.records import read_records
+    from vlwb.shapes import generate_shapes_world
+    world = {"n_train": 3000, "n_test": 500, "seed": 0} | (world or {})
+    runs, out = Path(runs), Path(out)
+    paths = generate_shapes_world(runs / "world", n_train=world["n_train"], n_val=0, n_test=world["n_test"],
+                                  seed=world["seed"], max_objects=3, progress=progress, shard_size=0)
+    cache = runs / "cache"
+    make = lambda li=-1, lt=-1: create_model(f"towers:{towers}", image_size=image_size, embed_dim=embed_dim,
+                                             image_layer=li, text_layer=lt)
+    sel = cache_features(make(), paths["train"], cache, progress=progress)
+    n_sel = min(1000, world["n_train"]) # layer selection on a sample, as the official code does
+    scores = layer_alignment([sel[f"image_pooled.{k}"][:n_sel] for k in range(sum(k.startswith("image_pooled.")
+                                                                                   for k in sel))],
+                             [sel[f"text_pooled.{k}"][:n_sel] for k in range(sum(k.startswith("text_pooled.")
+                                                                                  for k in sel))])
+    chosen = best_layers(scores)
+    test_recs = read_records(paths["test"])
+    rows, objectives = [], {"linear": {"clip": 1.0},
+                            "structure": {"clip": 1.0, "structure": {"weight": structure_weight,
+                                                                     "warmup_steps": warmup_steps}}}
+    last = (scores.shape[0] - 1, scores.shape[1] - 1)
+    arms = [("last layers", last)] + ([("chosen layers", chosen)] if chosen != last else []) # the same pair: run once
+    bar = tqdm(total=len(arms) * len(fractions) * len(seeds) * len(objectives), desc="structure study",
+               disable=not progress)
+    for layers, (li, lt) in arms:
+        model = make(li, lt)
+        tr, te = (cache_features(model, paths[s], cache, progress=progress) for s in ("train", "test"))
+        n = len(tr["image_map"])
+        for frac in fractions:
+            for seed in seeds:
+                idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max(2, round(frac * n))]
+                sub = {k: v[idx] for k, v in tr.items() if isinstance(v, torch.Tensor)}
+                for name, obj in objectives.items():
+                    torch.manual_seed(seed)
+                    for head in (model.image_head, model.text_head):
+                        for m in head.modules():
+                            if hasattr(m, "reset_parameters"): m.reset_parameters()
+                    fit_heads(model, sub, obj, steps=steps, batch_size=batch_size, seed=seed, progress=False)
+                    got = cached_metrics(model, te, test_recs)
+                    arm = f"{name} / {layers} / {_pct(frac)}"
+                    rows += [{"study": "structure_vs_linear", "arm": arm, "seed": seed, "metric": k, "value": float(v)}
+                             for k, v in got.items()]
+                    bar.update()
+    bar.close()
+    paired = []
+    for layers, _ in arms:
+        for frac in fractions:
+            tag = f" / {layers} / {_pct(frac)}"
+            paired += paired_differences([r for r in rows if r["arm"].endswith(tag)], baseline="linear" + tag)
+    summary = summarise(rows)
+    for name, table in (("results", rows), ("summary", summary), ("paired", paired)):
+        _write_csv(out / f"{name}.csv", table)
+    info = {"name": "structure_vs_linear", "towers": towers, "image_size": image_size, "world": world,
+            "fractions": list(fractions), "seeds": list(seeds), "steps": steps, "batch_size": batch_size,
+            "embed_dim": embed_dim, "structure_weight": structure_weight, "warmup_steps": warmup_steps,
+            "chosen_layers": list(chosen), "last_layers": list(last),
+            "layer_scores": scores.tolist()}
+    write_json(out / "study.json", info)
+    return {"results": rows, "summary": summary, "paired": paired, "info": info}

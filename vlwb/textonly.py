@@ -5,18 +5,19 @@
 # %% ../nbs/13c_textonly.ipynb #13c-003
 from __future__ import annotations
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .core import l2norm
 from .records import ImageCaptionDataset
 from .vlmodel import VLModel
 
 # %% auto #0
-__all__ = ['GaussianNoise', 'train_text_classifier', 'attribute_task', 'close_sweep']
+__all__ = ['GaussianNoise', 'train_text_classifier', 'image_features', 'text_embeddings', 'attribute_task', 'close_sweep']
 
 # %% ../nbs/13c_textonly.ipynb #13c-005
 class GaussianNoise(nn.Module):
@@ -55,6 +56,30 @@ def train_text_classifier(text_embed: torch.Tensor, # `[N,D]` embeddings of the 
             sched.step()
     return clf.eval()
 
+# %% ../nbs/13c_textonly.ipynb #13c-008a
+@torch.no_grad()
+def image_features(model: VLModel, path, # a dataset (JSONL, CSV, folder)
+                   field: str = "embed", # "embed" (joint space), "features" (a frozen tower's pooled), "tokens" (grid)
+                   indices: Optional[Sequence[int]] = None, # which records (default: all)
+                   batch_size: int = 128, progress: bool = True) -> tuple[torch.Tensor, list[dict]]:
+    "Images of a dataset through `model`'s image side, in eval mode: the chosen field of each, and their records."
+    ds = ImageCaptionDataset(path, model.preprocess, skip_bad=False)
+    idx = list(range(len(ds))) if indices is None else list(indices)
+    model.eval()
+    out = []
+    for b in tqdm(range(0, len(idx), batch_size), desc="image features", disable=not progress):
+        f = getattr(model.encode_image(torch.stack([ds[i]["image"] for i in idx[b:b + batch_size]])), field)
+        if f is None: raise ValueError(f"{model.backend}'s image encoding has no {field!r}")
+        out.append(f.float())
+    return torch.cat(out), [ds.records[i] for i in idx]
+
+@torch.no_grad()
+def text_embeddings(model: VLModel, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    "`[N,D]` joint-space embeddings of `texts`, in eval mode, in batches."
+    model.eval()
+    return torch.cat([model.encode_text(list(texts[b:b + batch_size])).embed.float()
+                      for b in range(0, len(texts), batch_size)])
+
 # %% ../nbs/13c_textonly.ipynb #13c-009
 @torch.no_grad()
 def attribute_task(model: VLModel, path,
@@ -66,11 +91,8 @@ def attribute_task(model: VLModel, path,
     if not single: raise ValueError(f"{path} has no single-object records")
     names = sorted({ds.records[i]["objects"][0][attr] for i in single})
     labels = torch.tensor([names.index(ds.records[i]["objects"][0][attr]) for i in single])
-    model.eval()
-    txt = torch.cat([model.encode_text([ds.records[i]["captions"][0] for i in single[b:b + 256]]).embed
-                     for b in range(0, len(single), 256)])
-    img = torch.cat([model.encode_image(torch.stack([ds[i]["image"] for i in single[b:b + 256]])).embed
-                     for b in range(0, len(single), 256)])
+    txt = text_embeddings(model, [ds.records[i]["captions"][0] for i in single])
+    img, _ = image_features(model, path, "embed", indices=single, progress=False)
     return txt, img, labels, names
 
 def close_sweep(model: VLModel, train_path, test_path, # shapes world splits: train texts, test images

@@ -114,6 +114,11 @@ class HFTextTower(nn.Module):
         self.path = path
         self.net = transformers.AutoModel.from_pretrained(path, attn_implementation="eager")
         tok = transformers.AutoTokenizer.from_pretrained(path)
+        limit = min(getattr(self.net.config, "max_position_embeddings", None) or 10**9, tok.model_max_length)
+        if context_length > limit: # the tokenizer would pass ids the encoder has no positions for
+            raise ValueError(f"context_length {context_length} exceeds what {path} reads: its encoder has "
+                             f"{getattr(self.net.config, 'max_position_embeddings', '?')} positions and its tokenizer "
+                             f"a maximum of {tok.model_max_length} tokens")
         self.tokenizer = HFTokenizer(tok, context_length, pool="eos", eos_id=tok.sep_token_id)
         self.widths = [self.net.config.hidden_size] * (self.net.config.num_hidden_layers + 1)
 
