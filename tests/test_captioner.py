@@ -68,6 +68,10 @@ def test_limber_trains_only_the_map(lm):
     assert sum(cap.log[-5:]) < sum(cap.log[:5])
     assert cap.map(feats).shape == (len(CAPTIONS), 2, 16)
     assert all(isinstance(c, str) for c in cap.caption(feats[:2], beam=3))
+    with pytest.raises(ValueError, match="known: constant, linear"):
+        limber(lm, feats, [[c] for c in CAPTIONS], steps=1, decay="cosine", progress=False)
+    with pytest.raises(ValueError, match="6 feature rows but 5"):
+        limber(lm, feats, [[c] for c in CAPTIONS[:5]], steps=1, progress=False)
 
 
 def test_close_noise_on_text_in_training_only(lm):

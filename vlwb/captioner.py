@@ -75,6 +75,7 @@ def fit_captioner(cap: Captioner, feats: torch.Tensor, # `[N,...]` one row per i
     """Train a captioner's map (and, `tune_lm`, its language model, else left frozen: `requires_grad` off): AdamW,
     gradients clipped at 1; the loss per step."""
     if len(feats) != len(captions): raise ValueError(f"{len(feats)} feature rows but {len(captions)} caption lists")
+    if decay not in ("constant", "linear"): raise ValueError(f"unknown decay {decay!r}; known: constant, linear")
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     cap.lm.requires_grad_(tune_lm)
