@@ -18,6 +18,7 @@ from .models import VLModel
 from .shapes import SHAPES, COLORS
 from .text import fix_articles, split_sentences
 from .losses import filip_similarity
+from .textonly import text_embeddings
 
 # %% auto #0
 __all__ = ['SHAPE_TEMPLATES', 'COLOR_TEMPLATES', 'TASKS', 'zeroshot_classifier', 'topk_accuracy', 'retrieval_recall',
@@ -327,12 +328,12 @@ def embedding_geometry(image_embed: torch.Tensor, text_embed: torch.Tensor) -> d
 def encode_texts(model: VLModel, texts: Sequence[str], batch_size: int = 256, tokens: bool = False):
     """Pooled embeddings `[T,D]` of `texts` (with `tokens=True`: also the word tokens `[T,L,D]` and word mask `[T,L]`),
     on the CPU."""
+    if not tokens: return text_embeddings(model, texts, batch_size)
     out = []
     for b in range(0, len(texts), batch_size):
         e = model.encode_text(list(texts[b:b + batch_size]))
-        out.append((e.embed.cpu(), e.tokens.cpu(), e.word_mask.cpu()) if tokens else (e.embed.cpu(),))
+        out.append((e.embed.cpu(), e.tokens.cpu(), e.word_mask.cpu()))
     if not out: raise ValueError("no texts to encode")
-    if not tokens: return torch.cat([o[0] for o in out])
     L = max(o[1].shape[1] for o in out) # batches may pad to different lengths
     pad = lambda x, v: torch.nn.functional.pad(x, (0, 0, 0, L - x.shape[1]) if x.ndim == 3 else (0, L - x.shape[1]),
                                                value=v)

@@ -292,10 +292,10 @@ def structure_study(out="studies/structure_vs_linear", # where results.csv, summ
                                              image_layer=li, text_layer=lt)
     sel = cache_features(make(), paths["train"], cache, progress=progress)
     n_sel = min(1000, world["n_train"]) # layer selection on a sample, as the official code does
-    scores = layer_alignment([sel[f"image_pooled.{k}"][:n_sel] for k in range(sum(k.startswith("image_pooled.")
-                                                                                   for k in sel))],
-                             [sel[f"text_pooled.{k}"][:n_sel] for k in range(sum(k.startswith("text_pooled.")
-                                                                                  for k in sel))])
+    def pooled(side): # every layer's pooled features, by layer index (a cache read back sorts its keys as text)
+        n = sum(k.startswith(f"{side}_pooled.") for k in sel)
+        return [sel[f"{side}_pooled.{i}"][:n_sel] for i in range(n)]
+    scores = layer_alignment(pooled("image"), pooled("text"))
     chosen = best_layers(scores)
     test_recs = read_records(paths["test"])
     rows, objectives = [], {"linear": {"clip": 1.0},

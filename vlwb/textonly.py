@@ -75,9 +75,9 @@ def image_features(model: VLModel, path, # a dataset (JSONL, CSV, folder)
 
 @torch.no_grad()
 def text_embeddings(model: VLModel, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    "`[N,D]` joint-space embeddings of `texts`, in eval mode, in batches."
-    model.eval()
-    return torch.cat([model.encode_text(list(texts[b:b + batch_size])).embed.float()
+    "`[N,D]` joint-space embeddings of `texts` (the model in the mode it is in), in batches, on the CPU."
+    if not len(texts): raise ValueError("no texts to encode")
+    return torch.cat([model.encode_text(list(texts[b:b + batch_size])).embed.cpu()
                       for b in range(0, len(texts), batch_size)])
 
 # %% ../nbs/13c_textonly.ipynb #13c-009
@@ -91,6 +91,7 @@ def attribute_task(model: VLModel, path,
     if not single: raise ValueError(f"{path} has no single-object records")
     names = sorted({ds.records[i]["objects"][0][attr] for i in single})
     labels = torch.tensor([names.index(ds.records[i]["objects"][0][attr]) for i in single])
+    model.eval()
     txt = text_embeddings(model, [ds.records[i]["captions"][0] for i in single])
     img, _ = image_features(model, path, "embed", indices=single, progress=False)
     return txt, img, labels, names
