@@ -16,7 +16,7 @@ def test_bench_quick_writes_its_table(tmp_path):
     m = result["machine"]
     assert m["quick"] and m["matmul_fp32_gflops"] > 0 and m["matmul_bf16_gflops"] > 0
     figures = {(row["figure"], row["peer_name"]) for row in result["rows"]}
-    assert {("clip loss fwd+bwd", "open_clip ClipLoss"), ("clip loss fwd+bwd", "matmul bound (fp32)"),
+    assert {("clip objective fwd+bwd", "open_clip ClipLoss"), ("clip objective fwd+bwd", "matmul bound (fp32)"),
             ("filip fwd+bwd peak memory", "all-pairs einsum"), ("filip fwd+bwd time", "all-pairs einsum"),
             ("train step builtin:micro fp32", "fastest matmul rate"),
             ("train step builtin:micro bf16", "fastest matmul rate"),
@@ -37,7 +37,7 @@ def test_bench_quick_writes_its_table(tmp_path):
     scaling = result["scaling"]
     assert {(p["kind"], p["batch"]) for p in scaling} == {("clip", 64), ("clip", 256), ("filip", 64), ("filip", 256)}
     assert all(p["seconds"] > 0 and p["peak_mb"] >= 0 for p in scaling)
-    assert "clip loss fwd+bwd" in r.stdout and "ratio" in r.stdout  # the table is printed
+    assert "clip objective fwd+bwd" in r.stdout and "ratio" in r.stdout  # the table is printed
     html = (tmp_path / "bench.html").read_text()
     assert "plotly" in html and "vlwb bench" in html and "scaling with batch size" in html
     assert (tmp_path / "bench.txt").read_text().splitlines()[0].startswith("vlwb bench on")

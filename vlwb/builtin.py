@@ -43,7 +43,7 @@ class Attention(nn.Module):
                ):
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if need_weights or _cpu_bf16(x):
-            s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            s = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) # scaled on q: `[N,d]`, not `[N,N]`
             if allow is not None: s = s.masked_fill(~allow, float("-inf"))
             p = s.softmax(-1)
             o = p.to(v.dtype) @ v

@@ -43,7 +43,7 @@ def main(argv=None):
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--n-train", type=int, default=4000, help="training images")
     q.add_argument("--n-test", type=int, default=900, help="held-out images")
-    q.add_argument("--steps", type=int, default=1000, help="optimiser steps")
+    q.add_argument("--steps", type=int, default=1100, help="optimiser steps")
     q.add_argument("--batch-size", type=int, default=128)
     q.add_argument("--lr", type=float, default=1e-3)
     q.add_argument("--model", default="builtin:tiny", help="model to train, e.g. builtin:tiny or builtin:micro")

@@ -15,7 +15,7 @@ from .core import ImageEnc, TextEnc, PairBatch, Registry, TextKind, l2norm, word
 from .contrast import Contrast
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'Objective', 'clip_loss', 'ClipObjective', 'SigLipObjective', 'filip_similarity',
+__all__ = ['OBJECTIVES', 'Objective', 'symmetric_infonce', 'clip_loss', 'ClipObjective', 'SigLipObjective', 'filip_similarity',
            'filip_similarity_naive', 'FilipObjective', 'circle_loss', 'MultiPositiveObjective', 'GroupingObjective',
            'HardNegativeObjective', 'FeatureQueue', 'g2l_loss', 'soft_cross_entropy', 'TclObjective', 'Objectives']
 
@@ -34,14 +34,67 @@ def _masked(logits: torch.Tensor, exclude: Optional[torch.Tensor]) -> torch.Tens
     "Logits with the `exclude`d pairs removed from every softmax (set to -inf)."
     return logits if exclude is None else logits.masked_fill(exclude, float("-inf"))
 
+class _SymmetricInfoNCE(torch.autograd.Function):
+    """Symmetric InfoNCE of one logit matrix, its gradient in closed form: one `N x N` product forward, two backward
+    (autograd through two cross-entropies of `q @ k.T` and `k @ q.T` needs six)."""
+    @staticmethod
+    def forward(ctx, q, k, scale, exclude):
+        dev = q.device.type
+        # under autocast the products run in its dtype; the softmaxes always in (at least) fp32
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(q.dtype, k.dtype)
+        with torch.autocast(dev, enabled=False):
+            qs, kc = (q * scale).to(cdt), k.to(cdt)
+            L = qs @ kc.T
+            L = L.to(torch.promote_types(L.dtype, torch.float32))
+            if exclude is not None: L.masked_fill_(exclude, float("-inf"))
+            p_row, p_col = torch.softmax(L, 1), torch.softmax(L, 0)
+            d_row, d_col = p_row.diagonal(), p_col.diagonal()
+            n = len(L)
+            if bool(torch.minimum(d_row.min(), d_col.min()) < 1e-30): # a pair's probability underflows: exact form
+                loss = (torch.logsumexp(L, 1).sum() + torch.logsumexp(L, 0).sum() - 2 * L.diagonal().sum()) / (2 * n)
+            else: loss = -(d_row.log().sum() + d_col.log().sum()) / (2 * n)
+            G = p_row.add_(p_col) # excluded pairs have probability 0, so no gradient
+        ctx.save_for_backward(q, qs, kc, G, torch.as_tensor(scale, dtype=L.dtype))
+        ctx.k_dtype = k.dtype
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        q, qs, kc, G, scale = ctx.saved_tensors
+        with torch.autocast(q.device.type, enabled=False):
+            # dloss/dL = (G - 2I) / 2N; the -2I applied to the [N,D] products, not to the saved [N,N] buffer
+            P, c = G.to(qs.dtype), g.to(G.dtype) / (2 * len(G))
+            dqs = (P @ kc).to(c.dtype).sub_(kc, alpha=2).mul_(c) # the gradient with respect to q * scale
+            dq = (dqs * scale).to(q.dtype) if ctx.needs_input_grad[0] else None
+            dk = (P.T @ qs).to(c.dtype).sub_(qs, alpha=2).mul_(c).to(ctx.k_dtype) if ctx.needs_input_grad[1] else None
+            ds = (dqs * q.to(c.dtype)).sum().reshape(scale.shape) if ctx.needs_input_grad[2] else None
+        return dq, dk, ds, None
+
+def symmetric_infonce(q: torch.Tensor, # `[N,D]` one side's embeddings
+                      k: torch.Tensor, # `[N,D]` the other side's, row i paired with `q`'s row i
+                      scale: torch.Tensor | float, # inverse temperature
+                      exclude: Optional[torch.Tensor] = None, # `[N,N]` pairs (q_i, k_j) left out of both softmaxes
+                     ) -> torch.Tensor:
+    "Mean cross-entropy over the rows and the columns of `scale * q @ k.T`, the diagonal the targets."
+    if q.shape != k.shape: raise ValueError(f"symmetric InfoNCE pairs rows: got {tuple(q.shape)} and {tuple(k.shape)}")
+    return _SymmetricInfoNCE.apply(q, k, scale, exclude)
+
 def _infonce(q: torch.Tensor, k: torch.Tensor, rows: slice, scale,
              exclude: Optional[torch.Tensor] = None, # `[N,N]` pairs (q_i, k_j) that are not negatives of each other
             ) -> torch.Tensor:
     "Symmetric InfoNCE of the pairs (q_i, k_i) for this rank's `rows`, against every row of the other side."
+    if rows.start in (0, None) and rows.stop == len(q) == len(k): return symmetric_infonce(q, k, scale, exclude)
+    # another rank holds the other rows: this rank's rows of both logit matrices
     labels = torch.arange(len(q), device=q.device)[rows]
     ex_q, ex_k = (None, None) if exclude is None else (exclude[rows], exclude.T[rows])
     return (F.cross_entropy(_masked(scale * q[rows] @ k.T, ex_q), labels)
             + F.cross_entropy(_masked(scale * k[rows] @ q.T, ex_k), labels)) / 2
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    "`x[index]`, without the copy (and its scatter in backward) when `index` is every row in order."
+    if len(index) == len(x) and bool((index == torch.arange(len(x), device=index.device)).all()): return x
+    return x[index]
 
 def _all(c: Contrast) -> torch.Tensor: return torch.arange(c.n_images, device=c.text_image.device)
 
@@ -51,16 +104,15 @@ def clip_loss(image_embed: torch.Tensor, # `[B,D]` unit-norm image embeddings
               scale: torch.Tensor | float, # inverse temperature exp(logit_scale)
              ) -> torch.Tensor:
     "CLIP's symmetric InfoNCE: mean cross-entropy of image->text and text->image over the batch."
-    logits = scale * image_embed @ text_embed.T
-    labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return symmetric_infonce(image_embed, text_embed, scale)
 
 @OBJECTIVES.register("clip")
 class ClipObjective(Objective):
     "CLIP (Radford et al. 2021): symmetric InfoNCE between each image and its caption."
     def forward(self, c, scale):
         cap = c.caption_index()
-        return {"clip": _infonce(c.img.embed, c.txt.embed[cap], c.images, scale, c.false_negatives(_all(c), cap))}
+        txt = _rows(c.txt.embed, cap)
+        return {"clip": _infonce(c.img.embed, txt, c.images, scale, c.false_negatives(_all(c), cap))}
 
 # %% ../nbs/05_losses.ipynb #05-014
 @OBJECTIVES.register("siglip")
@@ -72,14 +124,15 @@ class SigLipObjective(Objective):
 
     def forward(self, c, scale):
         cap = c.caption_index()
-        logits = scale * c.img.embed[c.images] @ c.txt.embed[cap].T + self.bias
-        z = -torch.ones_like(logits)
-        z[torch.arange(len(logits)), torch.arange(c.images.start, c.images.stop)] = 1
-        terms = -F.logsigmoid(z * logits)
+        logits = torch.addmm(self.bias.to(c.img.embed.dtype), scale * c.img.embed[c.images], _rows(c.txt.embed, cap).T)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) # under autocast: the sums in fp32
+        # -log sigmoid(z l) = softplus(l) - [z = 1] l: one element-wise pass, the positives' logits subtracted
+        terms = F.softplus(logits)
         # a duplicate caption is neither a negative nor this image's pair
         dup = c.false_negatives(_all(c)[c.images], cap)
         if dup is not None: terms = terms.masked_fill(dup, 0)
-        return {"siglip": terms.sum() / len(logits)}
+        positives = logits.diagonal(offset=c.images.start) # this rank's image i is global image start + i
+        return {"siglip": (terms.sum() - positives.sum()) / len(logits)}
 
 # %% ../nbs/05_losses.ipynb #05-018
 def filip_similarity(img_tokens: torch.Tensor, # `[B,I,D]` unit-norm patch tokens

@@ -4,6 +4,7 @@
 
 # %% ../nbs/04c_openclip.ipynb #04c-003
 from __future__ import annotations
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -21,10 +22,6 @@ from .vlmodel import BACKENDS, VLModel, offline
 __all__ = ['OpenClipTokenizer', 'open_clip_preprocess', 'OpenClipModel']
 
 # %% ../nbs/04c_openclip.ipynb #04-018
-def _mha_probs(mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
-    "The attention probabilities `[B,heads,N,N]` an `nn.MultiheadAttention` computes for self-attention on `x`."
-    return _mha_forward(mha, x, attn_mask)[1]
-
 def _mha_forward(mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask: Optional[torch.Tensor]):
     """Self-attention of an `nn.MultiheadAttention` on `x` written out:
     its output (in the module's layout) and probabilities."""
@@ -39,26 +36,33 @@ def _mha_forward(mha: nn.MultiheadAttention, x: torch.Tensor, attn_mask: Optiona
     return (out if mha.batch_first else out.transpose(0, 1)), p
 
 class _AttentionProbe:
-    "Forward hooks on a tower's attention modules: record each layer's probabilities and route its output through them."
+    """Inside `with`, each attention module of a tower runs written out, `_mha_forward`: its probabilities are recorded,
+    and its output is built from them (one attention per layer, not the fused one and then this)."""
     def __init__(self, modules: list):
-        self.modules, self.maps, self.handles = modules, [], []
-    def hook(self, mod, args, kwargs, output):
-        x = args[0] if args else kwargs["query"]
-        if kwargs.get("key_padding_mask", args[3] if len(args) > 3 else None) is not None:
+        self.modules, self.maps = modules, []
+    def run(self, mod, query, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,
+            average_attn_weights=True, is_causal=False):
+        if key_padding_mask is not None:
             raise NotImplementedError("attention capture supports attn_mask, not key_padding_mask")
-        out, p = _mha_forward(mod, x, kwargs.get("attn_mask", args[4] if len(args) > 4 else None))
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise NotImplementedError("attention capture supports self-attention (query, key and value one tensor)")
+        out, p = _mha_forward(mod, query, attn_mask)
         self.maps.append(p)
         return out, None
     def __enter__(self):
-        # a LoRA-adapted block (peft) runs its nn.MultiheadAttention, weights merged, as `base_layer`: hook that
+        # a LoRA-adapted block (peft) runs its nn.MultiheadAttention, weights merged, as `base_layer`: patch that
         self.modules = [getattr(m, "base_layer", m) for m in self.modules]
         bad = [type(m).__name__ for m in self.modules if not isinstance(m, nn.MultiheadAttention)]
         if bad: raise NotImplementedError(f"attention capture supports nn.MultiheadAttention blocks, "
                                           f"this tower has {bad[0]}")
-        self.handles = [m.register_forward_hook(self.hook, with_kwargs=True) for m in self.modules]
+        # an instance attribute `forward` shadows the class's for `Module.__call__` (hooks still run around it)
+        self.before = [m.__dict__.get("forward") for m in self.modules]
+        for m in self.modules: m.forward = functools.partial(self.run, m)
         return self
     def __exit__(self, *exc):
-        for h in self.handles: h.remove()
+        for m, f in zip(self.modules, self.before):
+            if f is None: del m.forward
+            else: m.forward = f
 
 def _project(x: torch.Tensor, proj) -> torch.Tensor:
     if proj is None: return x

@@ -24,10 +24,10 @@ from .losses import Objectives
 from .align import StructureObjective  # noqa: F401 (registers the structure objective)
 
 # %% auto #0
-__all__ = ['PRESETS', 'in_batch_accuracy', 'warmup_cosine', 'no_decay', 'second_view', 'VLModule', 'SafetensorsCheckpoint',
-           'quiet_lightning', 'median_seconds', 'matmul_rate', 'fastest_precision', 'check_precision', 'make_trainer',
-           'model_fingerprint', 'tensor_digest', 'dataset_fingerprint', 'image_neighbours', 'HardNegativeImages',
-           'preset_path', 'VLCLI', 'train_cli']
+__all__ = ['PRESETS', 'in_batch_accuracy', 'warmup_cosine', 'no_decay', 'adamw', 'second_view', 'VLModule',
+           'SafetensorsCheckpoint', 'quiet_lightning', 'median_seconds', 'matmul_rate', 'fastest_precision',
+           'check_precision', 'make_trainer', 'model_fingerprint', 'tensor_digest', 'dataset_fingerprint',
+           'image_neighbours', 'HardNegativeImages', 'preset_path', 'VLCLI', 'train_cli']
 
 # %% ../nbs/06_train.ipynb #06-005
 def in_batch_accuracy(img_embed: torch.Tensor, text_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +45,16 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float = 0.0) ->
 def no_decay(name: str, p: torch.nn.Parameter) -> bool:
     "True for parameters kept out of weight decay: vectors (norm gains, biases, class token) and the logit scale."
     return p.ndim < 2 or "logit_scale" in name
+
+def adamw(params, # parameters, or parameter groups (dicts with "params")
+          **kw) -> torch.optim.AdamW:
+    """`torch.optim.AdamW`, fused (one kernel over every tensor) when all parameters are floating point on the CPU or a
+    CUDA device; else the per-tensor loop."""
+    params = list(params)
+    flat = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(flat) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in flat) \
+        and len({p.device.type for p in flat}) == 1
+    return torch.optim.AdamW(params, fused=fused, **kw)
 
 # %% ../nbs/06_train.ipynb #06-008
 def second_view(images: torch.Tensor, min_scale: float = 0.7, generator: Optional[torch.Generator] = None,
@@ -151,7 +161,7 @@ class VLModule(L.LightningModule):
         named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in named if not no_decay(n, p)], "weight_decay": h.weight_decay},
                   {"params": [p for n, p in named if no_decay(n, p)], "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=h.lr, betas=tuple(h.betas), eps=h.eps)
+        opt = adamw(groups, lr=h.lr, betas=tuple(h.betas), eps=h.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(opt,
                                                   lambda s: warmup_cosine(s, h.warmup_steps, total, h.min_lr_ratio))
