@@ -15,7 +15,7 @@ from .core import ImageEnc, TextEnc, PairBatch, Registry, TextKind, l2norm, word
 from .contrast import Contrast
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'Objective', 'symmetric_infonce', 'clip_loss', 'ClipObjective', 'SigLipObjective', 'filip_similarity',
+__all__ = ['OBJECTIVES', 'Objective', 'clip_loss', 'ClipObjective', 'SigLipObjective', 'filip_similarity',
            'filip_similarity_naive', 'FilipObjective', 'circle_loss', 'MultiPositiveObjective', 'GroupingObjective',
            'HardNegativeObjective', 'FeatureQueue', 'g2l_loss', 'soft_cross_entropy', 'TclObjective', 'Objectives']
 
@@ -71,20 +71,11 @@ class _SymmetricInfoNCE(torch.autograd.Function):
             ds = (dqs * q.to(c.dtype)).sum().reshape(scale.shape) if ctx.needs_input_grad[2] else None
         return dq, dk, ds, None
 
-def symmetric_infonce(q: torch.Tensor, # `[N,D]` one side's embeddings
-                      k: torch.Tensor, # `[N,D]` the other side's, row i paired with `q`'s row i
-                      scale: torch.Tensor | float, # inverse temperature
-                      exclude: Optional[torch.Tensor] = None, # `[N,N]` pairs (q_i, k_j) left out of both softmaxes
-                     ) -> torch.Tensor:
-    "Mean cross-entropy over the rows and the columns of `scale * q @ k.T`, the diagonal the targets."
-    if q.shape != k.shape: raise ValueError(f"symmetric InfoNCE pairs rows: got {tuple(q.shape)} and {tuple(k.shape)}")
-    return _SymmetricInfoNCE.apply(q, k, scale, exclude)
-
 def _infonce(q: torch.Tensor, k: torch.Tensor, rows: slice, scale,
              exclude: Optional[torch.Tensor] = None, # `[N,N]` pairs (q_i, k_j) that are not negatives of each other
             ) -> torch.Tensor:
     "Symmetric InfoNCE of the pairs (q_i, k_i) for this rank's `rows`, against every row of the other side."
-    if rows.start in (0, None) and rows.stop == len(q) == len(k): return symmetric_infonce(q, k, scale, exclude)
+    if rows.start in (0, None) and rows.stop == len(q) == len(k): return clip_loss(q, k, scale, exclude)
     # another rank holds the other rows: this rank's rows of both logit matrices
     labels = torch.arange(len(q), device=q.device)[rows]
     ex_q, ex_k = (None, None) if exclude is None else (exclude[rows], exclude.T[rows])
@@ -102,9 +93,13 @@ def _all(c: Contrast) -> torch.Tensor: return torch.arange(c.n_images, device=c.
 def clip_loss(image_embed: torch.Tensor, # `[B,D]` unit-norm image embeddings
               text_embed: torch.Tensor, # `[B,D]` unit-norm embeddings of each image's caption, in the same order
               scale: torch.Tensor | float, # inverse temperature exp(logit_scale)
+              exclude: Optional[torch.Tensor] = None, # `[B,B]` pairs (image i, text j) left out of both softmaxes
              ) -> torch.Tensor:
-    "CLIP's symmetric InfoNCE: mean cross-entropy of image->text and text->image over the batch."
-    return symmetric_infonce(image_embed, text_embed, scale)
+    """CLIP's symmetric InfoNCE: mean cross-entropy of image->text and text->image over the batch (the rows and the
+    columns of `scale * image_embed @ text_embed.T`, the diagonal the targets)."""
+    if image_embed.shape != text_embed.shape:
+        raise ValueError(f"clip_loss pairs rows: got {tuple(image_embed.shape)} and {tuple(text_embed.shape)}")
+    return _SymmetricInfoNCE.apply(image_embed, text_embed, scale, exclude)
 
 @OBJECTIVES.register("clip")
 class ClipObjective(Objective):
