@@ -17,9 +17,9 @@ from .train import adamw, matmul_rate, median_seconds
 from .userbench import bench_demo, bench_towers, bench_widgets, bench_zeroshot
 
 # %% auto #0
-__all__ = ['row', 'bench_train_step', 'bench_clip_loss', 'peak_rise', 'bench_filip', 'bench_attention', 'attention_models',
-           'bench_siglip_loss', 'bench_loader', 'bench_write', 'bench_scaling', 'scaling_figure', 'run_bench', 'met',
-           'format_bench', 'bench_figure', 'write_bench']
+__all__ = ['row', 'paired_medians', 'bench_train_step', 'bench_clip_loss', 'peak_rise', 'bench_filip', 'bench_attention',
+           'attention_models', 'bench_siglip_loss', 'bench_loader', 'bench_write', 'bench_scaling', 'scaling_figure',
+           'run_bench', 'met', 'format_bench', 'bench_figure', 'write_bench']
 
 # %% ../nbs/14_bench.ipynb #14-006
 def row(figure: str, vlwb: float, peer: float, unit: str, peer_name: str, target: Optional[str] = None,
@@ -27,6 +27,17 @@ def row(figure: str, vlwb: float, peer: float, unit: str, peer_name: str, target
     "One line of the table: vlwb's figure, its peer's, their ratio and the target it is held to."
     return {"figure": figure, "vlwb": vlwb, "peer": peer, "ratio": vlwb / peer if peer else float("nan"), "unit": unit,
             "peer_name": peer_name, "target": target, **extra}
+
+def paired_medians(fns, reps: int = 5, warmup: int = 1) -> list[float]:
+    """Median wall time of each of `fns` over `reps` rounds, each round calling every one in turn
+    (after `warmup` rounds)."""
+    ts = [[] for _ in fns]
+    for r in range(warmup + reps):
+        for f, t in zip(fns, ts):
+            t0 = time.perf_counter()
+            f()
+            if r >= warmup: t.append(time.perf_counter() - t0)
+    return [sorted(t)[len(t) // 2] for t in ts]
 
 def bench_train_step(size: str = "tiny", batch: int = 128, precision: str = "fp32", device: str = "cpu",
                      reps: int = 3) -> dict:
@@ -80,7 +91,7 @@ def bench_clip_loss(B: int = 1024, D: int = 512, reps: int = 5) -> tuple[float, 
     `ClipLoss`, and the FLOPs of the products the loss needs (one B x B x D forward, two backward)."""
     from open_clip.loss import ClipLoss
     ours, theirs = _objective_and_peer("clip", ClipLoss(), B, D)
-    return median_seconds(ours, reps), median_seconds(theirs, reps), 3 * 2 * B * B * D
+    return *paired_medians((ours, theirs), reps), 3 * 2 * B * B * D
 
 def peak_rise(fn) -> tuple[float, float]:
     """Run `fn()` once: the rise of this process's resident memory above its level before (MB, sampled every 0.2 ms)
@@ -137,8 +148,7 @@ def bench_attention(model, batch: int = 64, reps: int = 5) -> tuple[float, float
     model = model.eval()
     x = torch.randn(batch, 3, model.image_size, model.image_size)
     with torch.no_grad():
-        return (median_seconds(lambda: model.encode_image(x, attn=True), reps),
-                median_seconds(lambda: model.encode_image(x), reps))
+        return tuple(paired_medians((lambda: model.encode_image(x, attn=True), lambda: model.encode_image(x)), reps))
 
 def attention_models(quick: bool) -> dict:
     "One model per backend for the attention row: builtin, an untrained open_clip ViT-B-32, a small transformers CLIP."
@@ -158,8 +168,7 @@ def bench_siglip_loss(B: int = 1024, D: int = 512, reps: int = 5) -> tuple[float
     """Seconds of the `siglip` objective (through `Objectives`, as training runs it) forward + backward,
     and of open_clip's `SigLipLoss`."""
     from open_clip.loss import SigLipLoss
-    ours, theirs = _objective_and_peer("siglip", SigLipLoss(), B, D)
-    return median_seconds(ours, reps), median_seconds(theirs, reps)
+    return tuple(paired_medians(_objective_and_peer("siglip", SigLipLoss(), B, D), reps))
 
 # %% ../nbs/14_bench.ipynb #14-007b
 def bench_loader(size: str = "tiny", batch: int = 64, n_images: int = 512, batches: int = 6) -> tuple[float, float]:
@@ -197,7 +206,7 @@ def bench_write(n: int = 1000, reps: int = 3) -> tuple[float, float]:
             with ShardWriter(Path(d) / "bench.tar") as w:
                 for i, (rec, img, labels) in enumerate(samples):
                     w.write(f"s{i:06d}", {"png": encode(img), "mask.png": encode(labels), "json": rec})
-        return median_seconds(lambda: write(encode_png), reps), median_seconds(lambda: write(pillow_png), reps)
+        return tuple(paired_medians((lambda: write(encode_png), lambda: write(pillow_png)), reps))
 
 def _scaling_child(kind: str, B: int) -> dict:
     "In a fresh process: the memory rise and time of one forward + backward of `clip` or chunked `filip` at batch `B`."

@@ -34,26 +34,45 @@ def _masked(logits: torch.Tensor, exclude: Optional[torch.Tensor]) -> torch.Tens
     "Logits with the `exclude`d pairs removed from every softmax (set to -inf)."
     return logits if exclude is None else logits.masked_fill(exclude, float("-inf"))
 
+def _infonce_terms(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symmetric InfoNCE of the logits `L` `[n,n]` (fp32 or wider, -inf where a pair is left out) and
+    P_row + P_col, from one softmax: each column's sum is a matrix-vector product of the row softmax.
+    The exact two-softmax form where that product could underflow. `L` is overwritten."""
+    n = len(L)
+    p = torch.softmax(L, 1)
+    diag, p_diag = L.diagonal(), p.diagonal()
+    nll = -p_diag.log() # each row's loss; exact while its own pair's probability is a normal float
+    lse = diag + nll # each row's log-sum-exp (to rounding at the logits' size)
+    top = lse.max()
+    u = (lse - top).exp() # row i's sum, e^(lse_i - top), on a shift common to every row
+    col = u @ p # col_j = sum_i e^(l_ij - top)
+    # col_j >= n e^-50 puts every entry within e^-27 of column j's largest above e^-77: nothing of weight underflowed
+    if not bool((p_diag.min() < 1e-30) | (col.min() < n * math.exp(-50))):
+        loss = (nll.sum() + (col.log() + top - diag).sum()) / (2 * n)
+        # P_col_ij = p_ij u_i / col_j, written into L's storage (not needed any more): two buffers of [n,n], not three
+        return loss, torch.mul(p, u[:, None], out=L).mul_(col.reciprocal()[None]).add_(p)
+    loss = (torch.logsumexp(L, 1).sum() + torch.logsumexp(L, 0).sum() - 2 * diag.sum()) / (2 * n)
+    return loss, p.add_(torch.softmax(L, 0))
+
+def _times_grad(P: torch.Tensor, X: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    "c (P - 2I) X in `c`'s dtype: one `addmm` (the -2I as its beta) when `P` already is in it."
+    if P.dtype == c.dtype: return torch.addmm(X, P, X, beta=-2).mul_(c)
+    return (P @ X).to(c.dtype).sub_(X, alpha=2).mul_(c)
+
 class _SymmetricInfoNCE(torch.autograd.Function):
     """Symmetric InfoNCE of one logit matrix, its gradient in closed form: one `N x N` product forward, two backward
     (autograd through two cross-entropies of `q @ k.T` and `k @ q.T` needs six)."""
     @staticmethod
     def forward(ctx, q, k, scale, exclude):
         dev = q.device.type
-        # under autocast the products run in its dtype; the softmaxes always in (at least) fp32
+        # under autocast the products run in its dtype; the softmax always in (at least) fp32
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(q.dtype, k.dtype)
         with torch.autocast(dev, enabled=False):
             qs, kc = (q * scale).to(cdt), k.to(cdt)
             L = qs @ kc.T
             L = L.to(torch.promote_types(L.dtype, torch.float32))
             if exclude is not None: L.masked_fill_(exclude, float("-inf"))
-            p_row, p_col = torch.softmax(L, 1), torch.softmax(L, 0)
-            d_row, d_col = p_row.diagonal(), p_col.diagonal()
-            n = len(L)
-            if bool(torch.minimum(d_row.min(), d_col.min()) < 1e-30): # a pair's probability underflows: exact form
-                loss = (torch.logsumexp(L, 1).sum() + torch.logsumexp(L, 0).sum() - 2 * L.diagonal().sum()) / (2 * n)
-            else: loss = -(d_row.log().sum() + d_col.log().sum()) / (2 * n)
-            G = p_row.add_(p_col) # excluded pairs have probability 0, so no gradient
+            loss, G = _infonce_terms(L) # excluded pairs have probability 0, so no gradient
         ctx.save_for_backward(q, qs, kc, G, torch.as_tensor(scale, dtype=L.dtype))
         ctx.k_dtype = k.dtype
         return loss
@@ -65,10 +84,11 @@ class _SymmetricInfoNCE(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             # dloss/dL = (G - 2I) / 2N; the -2I applied to the [N,D] products, not to the saved [N,N] buffer
             P, c = G.to(qs.dtype), g.to(G.dtype) / (2 * len(G))
-            dqs = (P @ kc).to(c.dtype).sub_(kc, alpha=2).mul_(c) # the gradient with respect to q * scale
-            dq = (dqs * scale).to(q.dtype) if ctx.needs_input_grad[0] else None
-            dk = (P.T @ qs).to(c.dtype).sub_(qs, alpha=2).mul_(c).to(ctx.k_dtype) if ctx.needs_input_grad[1] else None
-            ds = (dqs * q.to(c.dtype)).sum().reshape(scale.shape) if ctx.needs_input_grad[2] else None
+            need_q, need_k, need_s = ctx.needs_input_grad[:3]
+            dqs = _times_grad(P, kc, c) if need_q or need_s else None # the gradient with respect to q * scale
+            dq = (dqs * scale).to(q.dtype) if need_q else None
+            dk = _times_grad(P.T, qs, c).to(ctx.k_dtype) if need_k else None
+            ds = torch.vdot(dqs.flatten(), q.to(c.dtype).flatten()).reshape(scale.shape) if need_s else None
         return dq, dk, ds, None
 
 def _infonce(q: torch.Tensor, k: torch.Tensor, rows: slice, scale,
