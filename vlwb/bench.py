@@ -13,13 +13,13 @@ import torch.nn.functional as F
 import plotly.graph_objects as go
 
 from .core import PairBatch, atomic_write, write_json
-from .train import adamw, matmul_rate, median_seconds
+from .train import adamw, matmul_rate, median_seconds, paired_medians
 from .userbench import bench_demo, bench_towers, bench_widgets, bench_zeroshot
 
 # %% auto #0
-__all__ = ['row', 'paired_medians', 'bench_train_step', 'bench_clip_loss', 'peak_rise', 'bench_filip', 'bench_attention',
-           'attention_models', 'bench_siglip_loss', 'bench_loader', 'bench_write', 'bench_scaling', 'scaling_figure',
-           'run_bench', 'met', 'format_bench', 'bench_figure', 'write_bench']
+__all__ = ['row', 'bench_train_step', 'bench_clip_loss', 'peak_rise', 'bench_filip', 'bench_attention', 'attention_models',
+           'bench_siglip_loss', 'bench_loader', 'bench_write', 'bench_scaling', 'scaling_figure', 'run_bench', 'met',
+           'format_bench', 'bench_figure', 'write_bench']
 
 # %% ../nbs/14_bench.ipynb #14-006
 def row(figure: str, vlwb: float, peer: float, unit: str, peer_name: str, target: Optional[str] = None,
@@ -27,17 +27,6 @@ def row(figure: str, vlwb: float, peer: float, unit: str, peer_name: str, target
     "One line of the table: vlwb's figure, its peer's, their ratio and the target it is held to."
     return {"figure": figure, "vlwb": vlwb, "peer": peer, "ratio": vlwb / peer if peer else float("nan"), "unit": unit,
             "peer_name": peer_name, "target": target, **extra}
-
-def paired_medians(fns, reps: int = 5, warmup: int = 1) -> list[float]:
-    """Median wall time of each of `fns` over `reps` rounds, each round calling every one in turn
-    (after `warmup` rounds)."""
-    ts = [[] for _ in fns]
-    for r in range(warmup + reps):
-        for f, t in zip(fns, ts):
-            t0 = time.perf_counter()
-            f()
-            if r >= warmup: t.append(time.perf_counter() - t0)
-    return [sorted(t)[len(t) // 2] for t in ts]
 
 def bench_train_step(size: str = "tiny", batch: int = 128, precision: str = "fp32", device: str = "cpu",
                      reps: int = 3) -> dict:

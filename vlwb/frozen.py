@@ -17,7 +17,7 @@ from .core import PairBatch
 from .records import ImageCaptionDataset
 from .towers import TowersModel, mean_pool
 from .losses import Objectives
-from .train import dataset_fingerprint, median_seconds, tensor_digest
+from .train import dataset_fingerprint, paired_medians, tensor_digest
 
 # %% auto #0
 __all__ = ['towers_key', 'cache_features', 'fit_heads', 'bench_heads']
@@ -120,4 +120,5 @@ def bench_heads(model: TowersModel, feats: Mapping[str, torch.Tensor], images: t
         obj(ie, te, batch, model.scale)["loss"].backward()
     def through():
         obj(model.encode_image(images[:b]), model.encode_text(ids, mask), batch, model.scale)["loss"].backward()
-    return b / median_seconds(cached, reps), b / median_seconds(through, reps)
+    t_cached, t_through = paired_medians((cached, through), reps)
+    return b / t_cached, b / t_through

@@ -25,9 +25,9 @@ from .align import StructureObjective  # noqa: F401 (registers the structure obj
 
 # %% auto #0
 __all__ = ['PRESETS', 'in_batch_accuracy', 'warmup_cosine', 'no_decay', 'adamw', 'second_view', 'VLModule',
-           'SafetensorsCheckpoint', 'quiet_lightning', 'median_seconds', 'matmul_rate', 'fastest_precision',
-           'check_precision', 'make_trainer', 'model_fingerprint', 'tensor_digest', 'dataset_fingerprint',
-           'image_neighbours', 'HardNegativeImages', 'preset_path', 'VLCLI', 'train_cli']
+           'SafetensorsCheckpoint', 'quiet_lightning', 'paired_medians', 'median_seconds', 'matmul_rate',
+           'fastest_precision', 'check_precision', 'make_trainer', 'model_fingerprint', 'tensor_digest',
+           'dataset_fingerprint', 'image_neighbours', 'HardNegativeImages', 'preset_path', 'VLCLI', 'train_cli']
 
 # %% ../nbs/06_train.ipynb #06-005
 def in_batch_accuracy(img_embed: torch.Tensor, text_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,15 +198,20 @@ def quiet_lightning():
                     ".*LightningCLI's args parameter is intended.*"): # `vlwb train` hands its arguments to LightningCLI
         warnings.filterwarnings("ignore", pattern)
 
+def paired_medians(fns, reps: int = 5, warmup: int = 1) -> list[float]:
+    """Median wall time of each of `fns` over `reps` rounds, each round calling every one in turn (after `warmup`
+    rounds): a machine whose speed drifts while it runs slows every one alike."""
+    ts = [[] for _ in fns]
+    for r in range(warmup + reps):
+        for f, t in zip(fns, ts):
+            t0 = time.perf_counter()
+            f()
+            if r >= warmup: t.append(time.perf_counter() - t0)
+    return [sorted(t)[len(t) // 2] for t in ts]
+
 def median_seconds(fn, reps: int = 5, warmup: int = 1) -> float:
     "Median wall time of `fn()` over `reps` calls after `warmup` calls."
-    for _ in range(warmup): fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
+    return paired_medians((fn,), reps, warmup)[0]
 
 def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5, device: str = "cpu",
                 warmup: int = 1) -> float:

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .train import median_seconds
+from .train import paired_medians
 
 # %% auto #0
 __all__ = ['bench_zeroshot', 'bench_demo', 'bench_widgets', 'bench_towers']
@@ -66,7 +66,8 @@ def bench_zeroshot(n_test: int = 900, batch: int = 256, reps: int = 2,
             return out
         a, b = ours(), theirs() # the two agree on what they measure
         if abs(a["zeroshot_shape_acc1"] - b["shape"]) > 0.02: raise AssertionError(f"zero-shot differs: {a} {b}")
-        return n / median_seconds(ours, reps, 0), n / median_seconds(theirs, reps, 0)
+        t_ours, t_theirs = paired_medians((ours, theirs), reps, 0)
+        return n / t_ours, n / t_theirs
 
 # %% ../nbs/14a_userbench.ipynb #14-007e
 def _p50_p95(v: list[float]) -> tuple[float, float]:
