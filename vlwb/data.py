@@ -182,6 +182,8 @@ class PairDataModule(L.LightningDataModule):
                  negatives_from_caption: bool = False, # hard negatives: edits of the caption drawn that step (NegCLIP)
                  shuffle_buffer: int = 1000, # for shards: samples held for shuffling
                  shapes: Optional[str] = None, # train/val from a shapes world folder (`vlwb train` writes it if absent)
+                 cache_images_mb: float = 0, # keep decoded training images in memory up to this many MB per loader
+                                             # process (record files and folders; 0: decode them every epoch)
                 ):
         super().__init__()
         if not (train or shapes):
@@ -210,8 +212,9 @@ class PairDataModule(L.LightningDataModule):
             h.train, h.val = h.train or str(Path(h.shapes) / "train.jsonl"), h.val or str(Path(h.shapes) / "val.jsonl")
         # masks are for evaluation and pictures; training objectives do not read them, so they are not decoded here
         if self.train_ds is None:
+            cache = {} if is_shards(h.train) else {"cache_mb": h.cache_images_mb}
             self.train_ds = open_pairs(h.train, self.preprocess, shuffle_buffer=h.shuffle_buffer, seed=h.seed,
-                                       masks=False)
+                                       masks=False, **cache)
         if h.val and self.val_ds is None: self.val_ds = open_pairs(h.val, self.preprocess, masks=False)
 
     def _loader(self, ds, train):

@@ -159,6 +159,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                  max_pixels: int = MAX_PIXELS, # refuse larger images (decompression bombs)
                  on_skip=_log_warning, # called with (reason, message) for each record skipped while reading
                  masks: bool = True, # decode each record's label map into `masks` (training objectives don't need them)
+                 cache_mb: float = 0, # keep decoded images in memory up to this many MB (0: decode on every read)
                 ):
         self.path = Path(path)
         self.records, self.skipped = load_records(self.path, image_key, caption_key, on_skip)
@@ -168,6 +169,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.root = Path(image_root) if image_root else (self.path if self.path.is_dir() else self.path.parent)
         self.preprocess, self.skip_bad, self.max_pixels = as_preprocess(preprocess), skip_bad, max_pixels
         self.load_masks = masks
+        # each image kept as it is read while it fits, never evicted; each loader process holds its own
+        self.cache_mb, self._decoded, self._decoded_bytes = cache_mb, {}, 0
 
     def __len__(self): return len(self.records)
 
@@ -178,12 +181,19 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def image_path(self, i: int) -> Path:
         return resolve_ref(self.records[i]["image"], self.root)
 
+    def _decode(self, i: int) -> Image.Image:
+        im = load_image(self.image_path(i), self.max_pixels)
+        n = im.width * im.height * len(im.getbands())
+        if self._decoded_bytes + n <= self.cache_mb * 2 ** 20:
+            self._decoded[i], self._decoded_bytes = im, self._decoded_bytes + n
+        return im
+
     def __getitem__(self, key) -> Optional[dict]:
         "Item `key` (an index, or `(index, draw)` from `EpochSampler`: `draw` seeds the item's caption sampling)."
         i, draw = key if isinstance(key, tuple) else (key, None)
         r = self.records[i]
         try:
-            im = load_image(self.image_path(i), self.max_pixels)
+            im = self._decoded[i] if i in self._decoded else self._decode(i)
             mask = load_image_raw(resolve_ref(r["mask"], self.root)) if r.get("mask") and self.load_masks else None
             item = make_item(r, im, self.preprocess, mask)
             if draw is not None: item["draw"] = draw

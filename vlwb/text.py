@@ -42,7 +42,10 @@ def check_texts(texts) -> list[str]:
     return texts
 
 class Tokenizer(TextTokenizer):
-    "CLIP's BPE tokenizer (open_clip's bundled vocabulary) returning token ids and the mask of real tokens."
+    """CLIP's BPE tokenizer (open_clip's bundled vocabulary) returning token ids and the mask of real tokens; each
+    text's ids are remembered (up to `memo_size` texts), since training draws the same captions every epoch."""
+    memo_size: int = 200_000
+
     def __init__(self,
                  context_length: int = 32, # tokens per text, start and end tokens included; longer texts are truncated
                 ):
@@ -53,10 +56,17 @@ class Tokenizer(TextTokenizer):
         self.vocab_size = len(self._bpe.encoder)
         self.sot, self.eot, self.pad = self._bpe.sot_token_id, self._bpe.eot_token_id, 0
         self.special_ids = frozenset({self.sot, self.eot, self.pad})
+        self._memo: dict[str, torch.Tensor] = {}
 
     def __call__(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         "Token ids `[N,L]` (long) and mask `[N,L]` (True on real tokens) for `texts`."
-        ids = self._bpe(check_texts(texts), context_length=self.context_length)
+        texts = check_texts(texts)
+        new = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        fresh = dict(zip(new, self._bpe(new, context_length=self.context_length))) if new else {}
+        ids = torch.stack([fresh[t] if t in fresh else self._memo[t] for t in texts]) if texts \
+            else self._bpe([], context_length=self.context_length)
+        if len(self._memo) + len(fresh) > self.memo_size: self._memo.clear()
+        self._memo.update(fresh)
         return ids, ids != self.pad
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:

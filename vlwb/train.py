@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #06-003
 from __future__ import annotations
-import copy, hashlib, json, logging, math, time, warnings
+import copy, ctypes, hashlib, json, logging, math, platform, time, warnings
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -26,8 +26,9 @@ from .align import StructureObjective  # noqa: F401 (registers the structure obj
 # %% auto #0
 __all__ = ['PRESETS', 'in_batch_accuracy', 'warmup_cosine', 'no_decay', 'adamw', 'second_view', 'VLModule',
            'SafetensorsCheckpoint', 'quiet_lightning', 'paired_medians', 'median_seconds', 'matmul_rate',
-           'fastest_precision', 'check_precision', 'make_trainer', 'model_fingerprint', 'tensor_digest',
-           'dataset_fingerprint', 'image_neighbours', 'HardNegativeImages', 'preset_path', 'VLCLI', 'train_cli']
+           'fastest_precision', 'check_precision', 'keep_freed_memory', 'make_trainer', 'model_fingerprint',
+           'tensor_digest', 'dataset_fingerprint', 'image_neighbours', 'HardNegativeImages', 'preset_path', 'VLCLI',
+           'train_cli']
 
 # %% ../nbs/06_train.ipynb #06-005
 def in_batch_accuracy(img_embed: torch.Tensor, text_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +105,9 @@ class VLModule(L.LightningModule):
     def forward(self, batch: PairBatch):
         "Both encodings of a batch."
         return self.model.encode_image(batch.images), self.model.encode_text(batch.text_ids, batch.text_mask)
+
+    def on_fit_start(self):
+        if self.device.type == "cpu": keep_freed_memory() # each step's buffers come back without page faults
 
     @torch.no_grad()
     def momentum_update(self):
@@ -237,6 +241,20 @@ def check_precision(precision, accelerator) -> None:
         raise ValueError(f"precision={precision!r} on the CPU is refused: CPUs have no fast fp16 arithmetic "
                          "(here fp16 matmuls run about 100x slower than fp32) and fp16 needs loss scaling; "
                          "use precision='bf16-mixed' or '32' on the CPU, fp16 on GPUs")
+
+def keep_freed_memory(mmap_threshold: int = 256 << 20, # blocks up to this size come from the heap, not a fresh mapping
+                      trim_threshold: int = 1 << 30, # free memory the heap may hold before it hands any back
+                     ) -> bool:
+    """Have glibc's `malloc` keep freed memory for the next request rather than hand it back to the system, which
+    would fault every page of it in again, zeroed, when it is next used. Process-wide; True where it took effect
+    (Linux with glibc), False elsewhere (nothing changed)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc": return False
+    try: mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError): return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # both, always: setting either one stops glibc from adjusting the two itself
+    return bool(mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold))) \
+        and bool(mallopt(M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold)))
 
 def make_trainer(out, # run folder: logs/ (CSV) and checkpoint/ go here
                  max_steps: int = 1000, # optimiser steps
