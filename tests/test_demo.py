@@ -129,7 +129,9 @@ def test_fifty_concurrent_requests(demo):
             ("/alignment", (handle_file(path), rec["captions"][0], "0", model))]
     def one(i): # fifty users, each with their own session, as fifty browsers would be
         name, args = jobs[i % 3]
-        return name, Client(url, verbose=False).submit(*args, api_name=name).result(120)
+        client = Client(url, verbose=False)
+        try: return name, client.submit(*args, api_name=name).result(120)
+        finally: client.close()
     t0 = time.time()
     with ThreadPoolExecutor(50) as pool:
         results = list(pool.map(one, range(50)))

@@ -247,6 +247,7 @@ def run_bench(quick: bool = False, # smaller sizes and fewer repeats: a minute, 
               device: str = "cpu", progress: bool = True) -> dict:
     "Measure every figure beside its peer, in this one run; returns `{machine, rows}`."
     say = (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)
+    keep_freed_memory() # as training on the CPU runs (`VLModule`): every row, and every peer, measured with it
     machine = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "cpu": platform.processor() or platform.machine(), "quick": quick}
     rows = []

@@ -88,11 +88,12 @@ def is_shards(path) -> bool:
     return p.is_dir() and any(p.glob("*.tar")) and not any(q.suffix.lower() in IMAGE_EXTENSIONS for q in p.iterdir())
 
 def open_pairs(path, preprocess: Preprocess | int = 64, shuffle_buffer: int = 0, seed: int = 0, masks: bool = True,
+               cache_mb: float = 0, # files and folders: keep decoded images up to this many MiB (shards stream)
                **kw):
     "The dataset of any pair source: shards -> `ShardedPairs`, a file or image folder -> `ImageCaptionDataset`."
     if is_shards(path):
         return ShardedPairs(path, preprocess, shuffle_buffer=shuffle_buffer, seed=seed, masks=masks, **kw)
-    return ImageCaptionDataset(path, preprocess, masks=masks, **kw)
+    return ImageCaptionDataset(path, preprocess, masks=masks, cache_mb=cache_mb, **kw)
 
 # %% ../nbs/02d_data.ipynb #02-025
 from torch.utils.data.distributed import DistributedSampler
@@ -182,7 +183,7 @@ class PairDataModule(L.LightningDataModule):
                  negatives_from_caption: bool = False, # hard negatives: edits of the caption drawn that step (NegCLIP)
                  shuffle_buffer: int = 1000, # for shards: samples held for shuffling
                  shapes: Optional[str] = None, # train/val from a shapes world folder (`vlwb train` writes it if absent)
-                 cache_images_mb: float = 0, # keep decoded training images in memory up to this many MB per loader
+                 cache_images_mb: float = 0, # keep decoded training images in memory up to this many MiB per loader
                                              # process (record files and folders; 0: decode them every epoch)
                 ):
         super().__init__()
@@ -212,9 +213,8 @@ class PairDataModule(L.LightningDataModule):
             h.train, h.val = h.train or str(Path(h.shapes) / "train.jsonl"), h.val or str(Path(h.shapes) / "val.jsonl")
         # masks are for evaluation and pictures; training objectives do not read them, so they are not decoded here
         if self.train_ds is None:
-            cache = {} if is_shards(h.train) else {"cache_mb": h.cache_images_mb}
             self.train_ds = open_pairs(h.train, self.preprocess, shuffle_buffer=h.shuffle_buffer, seed=h.seed,
-                                       masks=False, **cache)
+                                       masks=False, cache_mb=h.cache_images_mb)
         if h.val and self.val_ds is None: self.val_ds = open_pairs(h.val, self.preprocess, masks=False)
 
     def _loader(self, ds, train):

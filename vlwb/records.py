@@ -159,7 +159,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
                  max_pixels: int = MAX_PIXELS, # refuse larger images (decompression bombs)
                  on_skip=_log_warning, # called with (reason, message) for each record skipped while reading
                  masks: bool = True, # decode each record's label map into `masks` (training objectives don't need them)
-                 cache_mb: float = 0, # keep decoded images in memory up to this many MB (0: decode on every read)
+                 cache_mb: float = 0, # keep decoded images in memory up to this many MiB (0: decode on every read)
                 ):
         self.path = Path(path)
         self.records, self.skipped = load_records(self.path, image_key, caption_key, on_skip)
@@ -169,7 +169,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.root = Path(image_root) if image_root else (self.path if self.path.is_dir() else self.path.parent)
         self.preprocess, self.skip_bad, self.max_pixels = as_preprocess(preprocess), skip_bad, max_pixels
         self.load_masks = masks
-        # each image kept as it is read while it fits, never evicted; each loader process holds its own
+        # each image kept as it is read while it fits, never evicted, never re-read from disk; each loader process
+        # holds its own. `preprocess` must not change its image in place (vlwb's and torchvision's return new ones)
         self.cache_mb, self._decoded, self._decoded_bytes = cache_mb, {}, 0
 
     def __len__(self): return len(self.records)

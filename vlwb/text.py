@@ -43,8 +43,9 @@ def check_texts(texts) -> list[str]:
 
 class Tokenizer(TextTokenizer):
     """CLIP's BPE tokenizer (open_clip's bundled vocabulary) returning token ids and the mask of real tokens; each
-    text's ids are remembered (up to `memo_size` texts), since training draws the same captions every epoch."""
-    memo_size: int = 200_000
+    text's ids are remembered (up to `memo_size` texts, about 1 KB each), since training draws the same captions every
+    epoch."""
+    memo_size: int = 50_000
 
     def __init__(self,
                  context_length: int = 32, # tokens per text, start and end tokens included; longer texts are truncated
@@ -60,13 +61,13 @@ class Tokenizer(TextTokenizer):
 
     def __call__(self, texts: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         "Token ids `[N,L]` (long) and mask `[N,L]` (True on real tokens) for `texts`."
-        texts = check_texts(texts)
-        new = list(dict.fromkeys(t for t in texts if t not in self._memo))
+        texts, memo = check_texts(texts), self._memo # one dict per call: another thread may replace it
+        new = list(dict.fromkeys(t for t in texts if t not in memo))
         fresh = dict(zip(new, self._bpe(new, context_length=self.context_length))) if new else {}
-        ids = torch.stack([fresh[t] if t in fresh else self._memo[t] for t in texts]) if texts \
+        ids = torch.stack([fresh[t] if t in fresh else memo[t] for t in texts]) if texts \
             else self._bpe([], context_length=self.context_length)
-        if len(self._memo) + len(fresh) > self.memo_size: self._memo.clear()
-        self._memo.update(fresh)
+        if len(memo) + len(fresh) > self.memo_size: self._memo = fresh
+        else: memo.update(fresh)
         return ids, ids != self.pad
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #06-003
 from __future__ import annotations
-import copy, ctypes, hashlib, json, logging, math, platform, time, warnings
+import copy, ctypes, hashlib, json, logging, math, os, time, warnings
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -74,7 +74,8 @@ def second_view(images: torch.Tensor, min_scale: float = 0.7, generator: Optiona
 
 # %% ../nbs/06_train.ipynb #06-010
 class VLModule(L.LightningModule):
-    "Train a `VLModel` with weighted objectives (Lightning: CPU, GPU or many nodes)."
+    """Train a `VLModel` with weighted objectives (Lightning: CPU, GPU or many nodes). On the CPU it keeps freed memory
+    for reuse (`keep_freed_memory`; `VLWB_KEEP_FREED_MEMORY=0` turns that off)."""
     def __init__(self, model: str | dict = "builtin:tiny", # name ("open_clip:ViT-B-32:openai"), spec dict or checkpoint
                  model_config: Optional[dict] = None, # overrides of the model's config (e.g. {"embed_dim": 64})
                  freeze: Optional[list[str]] = None, # fnmatch patterns of parameters to freeze, e.g. ["net.visual.*"]
@@ -246,15 +247,19 @@ def keep_freed_memory(mmap_threshold: int = 256 << 20, # blocks up to this size 
                       trim_threshold: int = 1 << 30, # free memory the heap may hold before it hands any back
                      ) -> bool:
     """Have glibc's `malloc` keep freed memory for the next request rather than hand it back to the system, which
-    would fault every page of it in again, zeroed, when it is next used. Process-wide; True where it took effect
-    (Linux with glibc), False elsewhere (nothing changed)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc": return False
-    try: mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError): return False
+    would fault every page of it in again, zeroed, when it is next used. Process-wide; True where glibc accepted the
+    settings, False where there is no glibc or `VLWB_KEEP_FREED_MEMORY=0` is set (nothing changed)."""
+    if os.environ.get("VLWB_KEEP_FREED_MEMORY", "1") == "0": return False
+    try: glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError, OSError): glibc = None
+    if not glibc: return False
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    # both, always: setting either one stops glibc from adjusting the two itself
-    return bool(mallopt(M_MMAP_THRESHOLD, ctypes.c_int(mmap_threshold))) \
-        and bool(mallopt(M_TRIM_THRESHOLD, ctypes.c_int(trim_threshold)))
+    # glibc before 2.26 or so refuses an mmap threshold above 32 MiB; both are set, since setting either stops glibc
+    # adjusting the two itself
+    mmap_ok = any(mallopt(M_MMAP_THRESHOLD, t) for t in (mmap_threshold, min(mmap_threshold, 32 << 20)))
+    return bool(mallopt(M_TRIM_THRESHOLD, trim_threshold)) and mmap_ok
 
 def make_trainer(out, # run folder: logs/ (CSV) and checkpoint/ go here
                  max_steps: int = 1000, # optimiser steps
