@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import plotly.graph_objects as go
 
 from .core import PairBatch, atomic_write, write_json
-from .train import adamw, keep_freed_memory, matmul_rate, median_seconds, paired_medians
+from .train import adamw, device_sync, keep_freed_memory, matmul_rate, median_seconds, paired_medians
 from .userbench import bench_demo, bench_towers, bench_widgets, bench_zeroshot
 
 # %% auto #0
@@ -46,7 +46,7 @@ def bench_train_step(size: str = "tiny", batch: int = 128, precision: str = "fp3
                        text_image=torch.arange(batch, device=device),
                        text_kind=torch.zeros(batch, dtype=torch.long, device=device))
     dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = device_sync(device)
     def step():
         with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype is not None):
             img, txt = model.encode_image(batch_.images), model.encode_text(batch_.text_ids, batch_.text_mask)

@@ -25,7 +25,7 @@ from .align import StructureObjective  # noqa: F401 (registers the structure obj
 
 # %% auto #0
 __all__ = ['PRESETS', 'in_batch_accuracy', 'warmup_cosine', 'no_decay', 'adamw', 'second_view', 'VLModule',
-           'SafetensorsCheckpoint', 'quiet_lightning', 'paired_medians', 'median_seconds', 'matmul_rate',
+           'SafetensorsCheckpoint', 'quiet_lightning', 'paired_medians', 'median_seconds', 'device_sync', 'matmul_rate',
            'fastest_precision', 'check_precision', 'keep_freed_memory', 'make_trainer', 'model_fingerprint',
            'tensor_digest', 'dataset_fingerprint', 'image_neighbours', 'HardNegativeImages', 'preset_path', 'VLCLI',
            'train_cli']
@@ -218,11 +218,15 @@ def median_seconds(fn, reps: int = 5, warmup: int = 1) -> float:
     "Median wall time of `fn()` over `reps` calls after `warmup` calls."
     return paired_medians((fn,), reps, warmup)[0]
 
+def device_sync(device: str):
+    "A function that waits for `device`'s queued work: `torch.cuda.synchronize` on CUDA, nothing on the CPU."
+    return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
 def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5, device: str = "cpu",
                 warmup: int = 1) -> float:
     "GFLOP/s of an `n x n` matrix product in `dtype`, measured now."
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = device_sync(device)
     return 2 * n ** 3 / median_seconds(lambda: (a @ b, sync()), reps, warmup) / 1e9
 
 def fastest_precision(accelerator: str = "cpu", # "cpu" or "cuda"
