@@ -34,6 +34,9 @@ def test_killed_mid_epoch_resumes_to_identical_weights(tmp_path, world, preset):
     base = [preset, "--data.shapes", str(world)] + SMALL
     r = _train(*base, "--out", str(tmp_path / "a"))
     assert r.returncode == 0, r.stderr[-3000:]
+    # checkpoints at steps 4, 8 and 12: the newest two are kept (--keep_resume 2), and last.ckpt
+    assert sorted(p.name for p in (tmp_path / "a" / "resume").iterdir()) == \
+        ["epoch=0-step=12.ckpt", "epoch=0-step=8.ckpt", "last.ckpt"]
     # the same run, killed (SIGKILL: no clean-up) as soon as its step-4 checkpoint exists: 4 of 6 steps into the first
     # pass
     b = tmp_path / "b"

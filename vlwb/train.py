@@ -385,6 +385,8 @@ class VLCLI(LightningCLI):
                             help="run folder: logs/, checkpoint/ (safetensors), resume/ (Lightning)")
         parser.add_argument("--save_every", type=int, default=100,
                             help="save checkpoint/ and resume/ every this many steps")
+        parser.add_argument("--keep_resume", type=int, default=2,
+                            help="step checkpoints kept in resume/ besides last.ckpt, the newest (-1: every one)")
         parser.add_argument("--progress", type=bool, default=True, help="show a progress bar")
         # the data follows the model: its tokenizer and image preprocessing, whatever the backend
         parser.link_arguments("model", "data.tokenizer", compute_fn=lambda module: module.model.tokenizer,
@@ -413,8 +415,9 @@ class VLCLI(LightningCLI):
         kwargs.update(default_root_dir=str(out), enable_checkpointing=True, enable_progress_bar=cfg.progress,
                       logger=CSVLogger(out, name="logs", version=""))
         mine = [SafetensorsCheckpoint(out / "checkpoint", every),
-                ModelCheckpoint(dirpath=out / "resume", every_n_train_steps=every, save_last=True, save_top_k=-1,
-                                enable_version_counter=False)] # last.ckpt is the newest, also after a resume
+                # last.ckpt is the newest, also after a resume; of the step checkpoints the newest `keep_resume`
+                ModelCheckpoint(dirpath=out / "resume", every_n_train_steps=every, save_last=True, monitor="step",
+                                mode="max", save_top_k=cfg.keep_resume, enable_version_counter=False)]
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
         config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         config["callbacks"] = list(config.get("callbacks") or []) + ([TQDMProgressBar()] if cfg.progress else [])
