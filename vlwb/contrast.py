@@ -146,9 +146,8 @@ class Contrast:
             return TextEnc(embed=embed, tokens=gather_rows(e.tokens)[0], mask=gather_rows(e.mask)[0],
                            words=gather_rows(e.word_mask)[0], features=feats(e)), off
         (g_img, io), (g_txt, to) = image(img), text(txt)
-        ti = batch.text_image.clone()
-        ti[ti >= 0] += io
-        ti, _ = gather_rows(ti)
+        # global image indices (-1, a hard negative, stays -1); on one process, the batch's own
+        ti, _ = gather_rows(torch.where(batch.text_image >= 0, batch.text_image + io, -1) if io else batch.text_image)
         kind, _ = gather_rows(batch.text_kind)
         key = None
         if merge_duplicates:

@@ -49,8 +49,7 @@ def first_of_kind(text_image: torch.Tensor, text_kind: torch.Tensor, n_images: i
     cand = torch.where(hit, torch.arange(T, device=text_image.device), T) # T: an index no text has
     idx = torch.full((n_images,), T, dtype=torch.long, device=text_image.device)
     idx = idx.scatter_reduce(0, text_image.clamp(min=0), cand, reduce="amin")
-    idx[idx == T] = -1
-    return idx
+    return idx.masked_fill_(idx == T, -1)
 
 @dataclass
 class PairBatch:

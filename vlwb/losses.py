@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_losses.ipynb #05-003
 from __future__ import annotations
-import inspect, math
+import functools, inspect, math, operator
 from typing import Mapping, Optional
 
 import torch
@@ -49,15 +49,11 @@ def _infonce_terms(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # col_j >= n e^-50 puts every entry within e^-27 of column j's largest above e^-77: nothing of weight underflowed
     if not bool((p_diag.min() < 1e-30) | (col.min() < n * math.exp(-50))):
         loss = (nll.sum() + (col.log() + top - diag).sum()) / (2 * n)
-        # P_col_ij = p_ij u_i / col_j, written into L's storage (not needed any more): two buffers of [n,n], not three
-        return loss, torch.mul(p, u[:, None], out=L).mul_(col.reciprocal()[None]).add_(p)
+        # P_row + P_col = p_ij + p_ij (u_i / col_j), written into L's storage (not needed any more): two buffers of
+        # [n,n], not three, and two passes (the outer product, then one addcmul)
+        return loss, torch.addcmul(p, p, torch.outer(u, col.reciprocal(), out=L), out=L)
     loss = (torch.logsumexp(L, 1).sum() + torch.logsumexp(L, 0).sum() - 2 * diag.sum()) / (2 * n)
     return loss, p.add_(torch.softmax(L, 0))
-
-def _times_grad(P: torch.Tensor, X: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    "c (P - 2I) X in `c`'s dtype: one `addmm` (the -2I as its beta) when `P` already is in it."
-    if P.dtype == c.dtype: return torch.addmm(X, P, X, beta=-2).mul_(c)
-    return (P @ X).to(c.dtype).sub_(X, alpha=2).mul_(c)
 
 class _SymmetricInfoNCE(torch.autograd.Function):
     """Symmetric InfoNCE of one logit matrix, its gradient in closed form: one `N x N` product forward, two backward
@@ -67,28 +63,35 @@ class _SymmetricInfoNCE(torch.autograd.Function):
         dev = q.device.type
         # under autocast the products run in its dtype; the softmax always in (at least) fp32
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(q.dtype, k.dtype)
+        s = float(scale) # every product's alpha, not a pass of its own (on a GPU, one wait, as the check below makes)
         with torch.autocast(dev, enabled=False):
-            qs, kc = (q * scale).to(cdt), k.to(cdt)
-            L = qs @ kc.T
+            qc, kc = q.to(cdt), k.to(cdt)
+            L = torch.addmm(qc.new_zeros(()), qc, kc.T, beta=0, alpha=s) # s q k^T
             L = L.to(torch.promote_types(L.dtype, torch.float32))
             if exclude is not None: L.masked_fill_(exclude, float("-inf"))
             loss, G = _infonce_terms(L) # excluded pairs have probability 0, so no gradient
-        ctx.save_for_backward(q, qs, kc, G, torch.as_tensor(scale, dtype=L.dtype))
-        ctx.k_dtype = k.dtype
+            G.diagonal().sub_(2) # dloss/dL = (G - 2I) / 2N: each target's -1 in both softmaxes, on G's diagonal
+        ctx.save_for_backward(q, qc, kc, G)
+        ctx.s, ctx.k_dtype, ctx.s_shape = s, k.dtype, getattr(scale, "shape", ())
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        q, qs, kc, G, scale = ctx.saved_tensors
+        q, qc, kc, G = ctx.saved_tensors
+        need_q, need_k, need_s = ctx.needs_input_grad[:3]
+        dq = dk = ds = None
         with torch.autocast(q.device.type, enabled=False):
-            # dloss/dL = (G - 2I) / 2N; the -2I applied to the [N,D] products, not to the saved [N,N] buffer
-            P, c = G.to(qs.dtype), g.to(G.dtype) / (2 * len(G))
-            need_q, need_k, need_s = ctx.needs_input_grad[:3]
-            dqs = _times_grad(P, kc, c) if need_q or need_s else None # the gradient with respect to q * scale
-            dq = (dqs * scale).to(q.dtype) if need_q else None
-            dk = _times_grad(P.T, qs, c).to(ctx.k_dtype) if need_k else None
-            ds = torch.vdot(dqs.flatten(), q.to(c.dtype).flatten()).reshape(scale.shape) if need_s else None
+            P, z = G.to(qc.dtype), qc.new_zeros(())
+            # dL/dq = a s (G - 2I) k and dL/dk = a s (G - 2I)^T q with a = g / 2N, each one product with its alpha;
+            # dL/ds = a sum_ij (G - 2I)_ij q_i.k_j = <dL/dq, q> / s (for s = 0, dL/dq is zero, its product unscaled)
+            a, s = float(g) / (2 * len(G)), ctx.s
+            if need_q or need_s:
+                t = s if s != 0 else 1.0
+                dq = torch.addmm(z, P, kc, beta=0, alpha=a * t)
+                if need_s: ds = (torch.vdot(dq.to(G.dtype).flatten(), q.to(G.dtype).flatten()) / t).reshape(ctx.s_shape)
+                dq = (dq if s != 0 else torch.zeros_like(dq)).to(q.dtype) if need_q else None
+            if need_k: dk = torch.addmm(z, P.T, qc, beta=0, alpha=a * s).to(ctx.k_dtype)
         return dq, dk, ds, None
 
 def _infonce(q: torch.Tensor, k: torch.Tensor, rows: slice, scale,
@@ -425,13 +428,16 @@ class Objectives(nn.Module):
                ) -> dict[str, torch.Tensor]:
         c = Contrast.build(img, txt, batch, tokens=self.needs_tokens, momentum=momentum,
                            merge_duplicates=self.merge_duplicates, step=step, training=self.training)
-        out, total = {}, 0.
+        out, total = {}, None
         for name, objective in self.terms.items():
             losses = objective(c, scale)
             for k, v in losses.items():
                 if not torch.isfinite(v):
                     raise FloatingPointError(f"objective {name!r} gave a non-finite loss {k} = {v.item()}")
             out.update(losses)
-            total = total + self.weights[name] * sum(losses.values())
+            # sum_terms w_term * (its losses, in order), with no op for a weight of 1, a first term or a lone loss
+            term = functools.reduce(operator.add, losses.values())
+            term = term if self.weights[name] == 1 else self.weights[name] * term
+            total = term if total is None else total + term
         out["loss"] = total
         return out
