@@ -111,3 +111,9 @@ def test_nan_stops_the_run_naming_step_and_objective_and_keeps_the_checkpoint(tm
     load(tmp_path / "n" / "checkpoint") # the last checkpoint is whole: it loads
     saved = json.loads((tmp_path / "n" / "checkpoint" / "config.json").read_text())["global_step"]
     assert saved <= int(m.group(1)) # and it is from before the failing step (the failing step saved nothing)
+
+
+def test_keep_resume_below_minus_one_is_refused(tmp_path, world):
+    r = _train("clip", "--data.shapes", str(world), "--out", str(tmp_path / "r"), *SMALL, "--keep_resume", "-2")
+    assert r.returncode != 0 and "--keep_resume -2" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "r" / "resume").exists()

@@ -57,41 +57,60 @@ def _infonce_terms(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _SymmetricInfoNCE(torch.autograd.Function):
     """Symmetric InfoNCE of one logit matrix, its gradient in closed form: one `N x N` product forward, two backward
-    (autograd through two cross-entropies of `q @ k.T` and `k @ q.T` needs six)."""
+    (autograd through two cross-entropies of `q @ k.T` and `k @ q.T` needs six). On the CPU in fp32, fp64 or bf16 the
+    scale and 1/2N are numbers on the products (`addmm`'s alpha): free to read there, and in range. Elsewhere they stay
+    tensors, applied to the `[N,D]` operands: reading one on a GPU waits for it, and in fp16 a loss scaler's factor on a
+    product's output can overflow."""
     @staticmethod
     def forward(ctx, q, k, scale, exclude):
         dev = q.device.type
         # under autocast the products run in its dtype; the softmax always in (at least) fp32
         cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(q.dtype, k.dtype)
-        s = float(scale) # every product's alpha, not a pass of its own (on a GPU, one wait, as the check below makes)
+        ctx.fold = dev == "cpu" and cdt != torch.float16
         with torch.autocast(dev, enabled=False):
-            qc, kc = q.to(cdt), k.to(cdt)
-            L = torch.addmm(qc.new_zeros(()), qc, kc.T, beta=0, alpha=s) # s q k^T
+            kc = k.to(cdt)
+            if ctx.fold:
+                s, qc = float(scale), q.to(cdt)
+                L = torch.addmm(qc.new_zeros(()), qc, kc.T, beta=0, alpha=s) # s q k^T
+            else:
+                s = torch.as_tensor(scale, device=q.device)
+                qc = (q * s).to(cdt) # s q
+                L = qc @ kc.T
             L = L.to(torch.promote_types(L.dtype, torch.float32))
             if exclude is not None: L.masked_fill_(exclude, float("-inf"))
-            loss, G = _infonce_terms(L) # excluded pairs have probability 0, so no gradient
-            G.diagonal().sub_(2) # dloss/dL = (G - 2I) / 2N: each target's -1 in both softmaxes, on G's diagonal
-        ctx.save_for_backward(q, qc, kc, G)
-        ctx.s, ctx.k_dtype, ctx.s_shape = s, k.dtype, getattr(scale, "shape", ())
+            loss, D = _infonce_terms(L) # excluded pairs have probability 0, so no gradient
+            # D = P_row + P_col - 2I = 2N dloss/dL: each target's -1 in both softmaxes, off in fp32, before any cast
+            D.diagonal().sub_(2)
+        ctx.save_for_backward(q, qc, kc, D, *([] if ctx.fold else [s]))
+        ctx.s, ctx.k_dtype, ctx.s_shape = (s if ctx.fold else None), k.dtype, getattr(scale, "shape", ())
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        q, qc, kc, G = ctx.saved_tensors
+        q, qc, kc, D, *saved_s = ctx.saved_tensors
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
         dq = dk = ds = None
+        f = D.dtype
         with torch.autocast(q.device.type, enabled=False):
-            P, z = G.to(qc.dtype), qc.new_zeros(())
-            # dL/dq = a s (G - 2I) k and dL/dk = a s (G - 2I)^T q with a = g / 2N, each one product with its alpha;
-            # dL/ds = a sum_ij (G - 2I)_ij q_i.k_j = <dL/dq, q> / s (for s = 0, dL/dq is zero, its product unscaled)
-            a, s = float(g) / (2 * len(G)), ctx.s
-            if need_q or need_s:
-                t = s if s != 0 else 1.0
-                dq = torch.addmm(z, P, kc, beta=0, alpha=a * t)
-                if need_s: ds = (torch.vdot(dq.to(G.dtype).flatten(), q.to(G.dtype).flatten()) / t).reshape(ctx.s_shape)
-                dq = (dq if s != 0 else torch.zeros_like(dq)).to(q.dtype) if need_q else None
-            if need_k: dk = torch.addmm(z, P.T, qc, beta=0, alpha=a * s).to(ctx.k_dtype)
+            P = D.to(qc.dtype)
+            # dL/dq = a s D k and dL/dk = a s D^T q with a = g / 2N; dL/ds = a sum_ij D_ij q_i.k_j = <dL/dq, q> / s
+            if ctx.fold: # numbers: one product each, with its alpha (qc is q)
+                z, a, s = qc.new_zeros(()), float(g) / (2 * len(D)), ctx.s
+                if need_q or need_s:
+                    t = s if s != 0 else 1.0 # (for s = 0, dL/dq is zero, its product unscaled to give ds)
+                    dq = torch.addmm(z, P, kc, beta=0, alpha=a * t)
+                    if need_s: ds = torch.vdot(dq.to(f).flatten(), q.to(f).flatten()) / t
+                    dq = (dq if s != 0 else torch.zeros_like(dq)).to(q.dtype) if need_q else None
+                if need_k: dk = torch.addmm(z, P.T, qc, beta=0, alpha=a * s).to(ctx.k_dtype)
+            else: # tensors, on the [N,D] products in fp32 (qc is s q)
+                a = g.to(f) / (2 * len(D))
+                if need_q or need_s:
+                    dqs = (P @ kc).to(f).mul_(a) # dL/d(s q)
+                    if need_s: ds = torch.vdot(dqs.flatten(), q.to(f).flatten())
+                    dq = (dqs * saved_s[0].to(f)).to(q.dtype) if need_q else None
+                if need_k: dk = (P.T @ qc).to(f).mul_(a).to(ctx.k_dtype)
+            if ds is not None: ds = ds.reshape(ctx.s_shape)
         return dq, dk, ds, None
 
 def _infonce(q: torch.Tensor, k: torch.Tensor, rows: slice, scale,
@@ -435,9 +454,11 @@ class Objectives(nn.Module):
                 if not torch.isfinite(v):
                     raise FloatingPointError(f"objective {name!r} gave a non-finite loss {k} = {v.item()}")
             out.update(losses)
+            if not losses: continue # (nothing of this objective's kind in the batch)
             # sum_terms w_term * (its losses, in order), with no op for a weight of 1, a first term or a lone loss
             term = functools.reduce(operator.add, losses.values())
             term = term if self.weights[name] == 1 else self.weights[name] * term
             total = term if total is None else total + term
+        if total is None: raise ValueError(f"objectives {list(self.terms)} gave no loss for this batch")
         out["loss"] = total
         return out

@@ -386,7 +386,8 @@ class VLCLI(LightningCLI):
         parser.add_argument("--save_every", type=int, default=100,
                             help="save checkpoint/ and resume/ every this many steps")
         parser.add_argument("--keep_resume", type=int, default=2,
-                            help="step checkpoints kept in resume/ besides last.ckpt, the newest (-1: every one)")
+                            help="step checkpoints kept in resume/ besides last.ckpt, the newest (0: last.ckpt only, "
+                                 "-1: every one); keep it when resuming")
         parser.add_argument("--progress", type=bool, default=True, help="show a progress bar")
         # the data follows the model: its tokenizer and image preprocessing, whatever the backend
         parser.link_arguments("model", "data.tokenizer", compute_fn=lambda module: module.model.tokenizer,
@@ -412,6 +413,9 @@ class VLCLI(LightningCLI):
         out, every = Path(cfg.out), cfg.save_every
         t = cfg.trainer
         check_precision(t.precision, t.accelerator)
+        if cfg.keep_resume < -1:
+            raise ValueError(f"--keep_resume {cfg.keep_resume}: give the number of step checkpoints to keep, 0 for "
+                             "last.ckpt only, or -1 for every one")
         kwargs.update(default_root_dir=str(out), enable_checkpointing=True, enable_progress_bar=cfg.progress,
                       logger=CSVLogger(out, name="logs", version=""))
         mine = [SafetensorsCheckpoint(out / "checkpoint", every),
