@@ -81,35 +81,43 @@ class _SymmetricInfoNCE(torch.autograd.Function):
             loss, D = _infonce_terms(L) # excluded pairs have probability 0, so no gradient
             # D = P_row + P_col - 2I = 2N dloss/dL: each target's -1 in both softmaxes, off in fp32, before any cast
             D.diagonal().sub_(2)
-        ctx.save_for_backward(q, qc, kc, D, *([] if ctx.fold else [s]))
+        ctx.save_for_backward(q, k, qc, kc, D, *([] if ctx.fold else [s]))
         ctx.s, ctx.k_dtype, ctx.s_shape = (s if ctx.fold else None), k.dtype, getattr(scale, "shape", ())
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        q, qc, kc, D, *saved_s = ctx.saved_tensors
+        q, k, qc, kc, D, *saved_s = ctx.saved_tensors
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
         dq = dk = ds = None
         f = D.dtype
         with torch.autocast(q.device.type, enabled=False):
             P = D.to(qc.dtype)
+            # narrower than fp32 (bf16, fp16) the diagonal P_ii - 2 would lose P_ii's low digits in the cast (bf16's
+            # spacing near 2 is 2^-7, a quarter of P_ii = 2/B at B = 128): the products take the off-diagonal part and
+            # the diagonal's term, d_i k_i, is added beside them in fp32
+            d = None if P is D else D.diagonal()
+            if d is not None: P.diagonal().zero_()
+            def plus_diag(x, y, alpha=1.0): # the product x (of P or P^T) in fp32, plus alpha d_i y_i
+                x = x.to(f)
+                return x if d is None else x.addcmul_(d[:, None], y.to(f), value=alpha)
             # dL/dq = a s D k and dL/dk = a s D^T q with a = g / 2N; dL/ds = a sum_ij D_ij q_i.k_j = <dL/dq, q> / s
             if ctx.fold: # numbers: one product each, with its alpha (qc is q)
                 z, a, s = qc.new_zeros(()), float(g) / (2 * len(D)), ctx.s
                 if need_q or need_s:
                     t = s if s != 0 else 1.0 # (for s = 0, dL/dq is zero, its product unscaled to give ds)
-                    dq = torch.addmm(z, P, kc, beta=0, alpha=a * t)
-                    if need_s: ds = torch.vdot(dq.to(f).flatten(), q.to(f).flatten()) / t
+                    dq = plus_diag(torch.addmm(z, P, kc, beta=0, alpha=a * t), k, a * t)
+                    if need_s: ds = torch.vdot(dq.flatten(), q.to(f).flatten()) / t
                     dq = (dq if s != 0 else torch.zeros_like(dq)).to(q.dtype) if need_q else None
-                if need_k: dk = torch.addmm(z, P.T, qc, beta=0, alpha=a * s).to(ctx.k_dtype)
+                if need_k: dk = plus_diag(torch.addmm(z, P.T, qc, beta=0, alpha=a * s), q, a * s).to(ctx.k_dtype)
             else: # tensors, on the [N,D] products in fp32 (qc is s q)
                 a = g.to(f) / (2 * len(D))
                 if need_q or need_s:
-                    dqs = (P @ kc).to(f).mul_(a) # dL/d(s q)
+                    dqs = plus_diag(P @ kc, k).mul_(a) # dL/d(s q)
                     if need_s: ds = torch.vdot(dqs.flatten(), q.to(f).flatten())
                     dq = (dqs * saved_s[0].to(f)).to(q.dtype) if need_q else None
-                if need_k: dk = (P.T @ qc).to(f).mul_(a).to(ctx.k_dtype)
+                if need_k: dk = plus_diag(P.T @ qc, q.to(f) * saved_s[0].to(f)).mul_(a).to(ctx.k_dtype)
             if ds is not None: ds = ds.reshape(ctx.s_shape)
         return dq, dk, ds, None
 

@@ -49,7 +49,8 @@ def quickstart(out="runs/quickstart", # run folder
     train_s = time.time() - t_gen
     metrics = evaluate_shapes(module.model.eval(), paths["test"], progress=progress)
     metrics.update(steps=trainer.global_step, batch_size=batch_size, seed=seed, model=model, precision=precision,
-                   **{f"matmul_{k}_gflops": round(v, 1) for k, v in rates.items()},
+                   **{f"matmul_{k}_gflops": round(rates[k], 2) for k in ("fp32", "bf16") if k in rates},
+                   **({"matmul_bf16_size": rates["bf16_size"]} if rates else {}),
                    seconds=round(time.time() - t0, 1), generate_seconds=round(t_gen - t0, 1),
                    train_seconds=round(train_s, 1))
     write_json(out / "metrics.json", metrics)

@@ -26,9 +26,9 @@ from .align import StructureObjective  # noqa: F401 (registers the structure obj
 # %% auto #0
 __all__ = ['PRESETS', 'in_batch_accuracy', 'warmup_cosine', 'no_decay', 'adamw', 'second_view', 'VLModule',
            'SafetensorsCheckpoint', 'quiet_lightning', 'paired_medians', 'median_seconds', 'device_sync', 'matmul_rate',
-           'fastest_precision', 'check_precision', 'keep_freed_memory', 'make_trainer', 'model_fingerprint',
-           'tensor_digest', 'dataset_fingerprint', 'image_neighbours', 'HardNegativeImages', 'preset_path', 'VLCLI',
-           'train_cli']
+           'precision_rates', 'fastest_precision', 'check_precision', 'keep_freed_memory', 'make_trainer',
+           'model_fingerprint', 'tensor_digest', 'dataset_fingerprint', 'image_neighbours', 'HardNegativeImages',
+           'preset_path', 'VLCLI', 'train_cli']
 
 # %% ../nbs/06_train.ipynb #06-005
 def in_batch_accuracy(img_embed: torch.Tensor, text_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,15 +229,29 @@ def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5
     sync = device_sync(device)
     return 2 * n ** 3 / median_seconds(lambda: (a @ b, sync()), reps, warmup) / 1e9
 
+def precision_rates(device: str = "cpu",
+                    n: int = 2048, # side of the products measured
+                    screen: float = 0.5, # bf16 below this fraction of fp32 at 512 is not measured at n
+                    reps: int = 5) -> dict:
+    """The fp32 and bf16 matrix-product rates of this device, measured now (GFLOP/s), and the side bf16's was measured
+    at (`bf16_size`). A 512-wide product of each comes first: where bf16 runs below `screen` times fp32 there (a CPU
+    without native bf16 emulates it, 10-400x slower), its rate is that one, in a second, not the minutes that
+    `n`-wide bf16 products take there."""
+    small = {name: matmul_rate(dtype, 512, 3, device, warmup=1)
+             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    # two warm-up calls at n: the first bf16 calls of a size also build oneDNN's kernels
+    rates = {"fp32": matmul_rate(torch.float32, n, reps, device, warmup=2)}
+    if small["bf16"] < screen * small["fp32"]: return {**rates, "bf16": small["bf16"], "bf16_size": 512}
+    return {**rates, "bf16": matmul_rate(torch.bfloat16, n, reps, device, warmup=2), "bf16_size": n}
+
 def fastest_precision(accelerator: str = "cpu", # "cpu" or "cuda"
                       min_gain: float = 1.6, # bf16 must run matmuls at least this many times faster than fp32
+                      n: int = 2048, # side of the products measured (after `precision_rates`' 512-wide screen)
                      ) -> tuple[str, dict]:
     """`"bf16-mixed"` where this device's bf16 matrix products, measured now, run at least `min_gain` times its fp32
-    ones, else `"32-true"`; with the two rates in GFLOP/s."""
+    ones, else `"32-true"`; with `precision_rates`' figures."""
     device = "cuda" if str(accelerator) in ("cuda", "gpu") else "cpu"
-    # 2048-wide products, two warm-up calls each: the first bf16 calls also build oneDNN's kernels
-    rates = {name: matmul_rate(dtype, 2048, 5, device, warmup=2)
-             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    rates = precision_rates(device, n, screen=min(0.5, min_gain))
     return ("bf16-mixed" if rates["bf16"] >= min_gain * rates["fp32"] else "32-true"), rates
 
 def check_precision(precision, accelerator) -> None:
