@@ -86,6 +86,6 @@ def default_model(progress: bool = True) -> VLModel:
     ckpt = Path("runs/quickstart/checkpoint")
     if not (ckpt / "model.safetensors").exists():
         print("vlwb demo: no model given and runs/quickstart/checkpoint is missing: training it first "
-              "(vlwb quickstart, 5-8 minutes)", flush=True)
+              "(vlwb quickstart, 5-12 minutes)", flush=True)
         quickstart(progress=progress)
     return load(ckpt)
