@@ -15,8 +15,7 @@ def _report(out, m: dict) -> str:
     return "\n".join([
         f"vlwb quickstart: trained {m['model']} with clip for {m['steps']} steps in {m['seconds']:.0f} s "
         f"({m.get('train_seconds', 0):.0f} s of training, precision {m.get('precision', '32-true')}"
-        + (f": bf16 matmuls ran {m['matmul_bf16_gflops'] / m['matmul_fp32_gflops']:.2g}x fp32 here)."
-           if m.get("matmul_fp32_gflops") else ")."),
+        + (f": bf16 matmuls ran {m['matmul_bf16_ratio']:.2g}x fp32 here)." if m.get("matmul_bf16_ratio") else ")."),
         f"Held-out shapes world ({m['n_images']} images; {m['n_zeroshot_images']} single-object for zero-shot):",
         f"  zero-shot shape top-1  {m['zeroshot_shape_top1']:6.1%}   (chance {m['zeroshot_shape_chance']:.1%})",
         f"  zero-shot colour top-1 {m['zeroshot_color_top1']:6.1%}   (chance {m['zeroshot_color_chance']:.1%})",

@@ -233,16 +233,17 @@ def precision_rates(device: str = "cpu",
                     n: int = 2048, # side of the products measured
                     screen: float = 0.5, # bf16 below this fraction of fp32 at 512 is not measured at n
                     reps: int = 5) -> dict:
-    """The fp32 and bf16 matrix-product rates of this device, measured now (GFLOP/s), and the side bf16's was measured
-    at (`bf16_size`). A 512-wide product of each comes first: where bf16 runs below `screen` times fp32 there (a CPU
-    without native bf16 emulates it, 10-400x slower), its rate is that one, in a second, not the minutes that
-    `n`-wide bf16 products take there."""
+    """The fp32 and bf16 matrix-product rates of this device, measured now (GFLOP/s). A 512-wide product of each comes
+    first (`screen_ratio`: bf16's rate over fp32's there): where bf16 runs below `screen` times fp32 (a CPU without
+    native bf16 emulates it, 100-500x slower on one with AVX2 alone), it is `screened`, its rate the 512-wide one
+    (`bf16_size`), found in seconds, not in the minutes that `n`-wide bf16 products take there."""
     small = {name: matmul_rate(dtype, 512, 3, device, warmup=1)
              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     # two warm-up calls at n: the first bf16 calls of a size also build oneDNN's kernels
-    rates = {"fp32": matmul_rate(torch.float32, n, reps, device, warmup=2)}
-    if small["bf16"] < screen * small["fp32"]: return {**rates, "bf16": small["bf16"], "bf16_size": 512}
-    return {**rates, "bf16": matmul_rate(torch.bfloat16, n, reps, device, warmup=2), "bf16_size": n}
+    rates = {"fp32": matmul_rate(torch.float32, n, reps, device, warmup=2),
+             "screen_ratio": small["bf16"] / small["fp32"]}
+    if rates["screen_ratio"] < screen: return {**rates, "bf16": small["bf16"], "bf16_size": 512, "screened": True}
+    return {**rates, "bf16": matmul_rate(torch.bfloat16, n, reps, device, warmup=2), "bf16_size": n, "screened": False}
 
 def fastest_precision(accelerator: str = "cpu", # "cpu" or "cuda"
                       min_gain: float = 1.6, # bf16 must run matmuls at least this many times faster than fp32
@@ -252,6 +253,7 @@ def fastest_precision(accelerator: str = "cpu", # "cpu" or "cuda"
     ones, else `"32-true"`; with `precision_rates`' figures."""
     device = "cuda" if str(accelerator) in ("cuda", "gpu") else "cpu"
     rates = precision_rates(device, n, screen=min(0.5, min_gain))
+    if rates["screened"]: return "32-true", rates
     return ("bf16-mixed" if rates["bf16"] >= min_gain * rates["fp32"] else "32-true"), rates
 
 def check_precision(precision, accelerator) -> None:
