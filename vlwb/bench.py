@@ -267,7 +267,7 @@ def run_bench(quick: bool = False, # smaller sizes and fewer repeats: a minute, 
     precs = ("fp32", "bf16")
     if rates["screened"]: # bf16 emulated here: its steps would take minutes
         precs = ("fp32",)
-        skip(f"bf16 training steps: bf16 products ran {rates['screen_ratio']:.2g}x fp32 here (512-wide): not native")
+        skip(f"bf16 training steps: bf16 products ran {rates['bf16_ratio']:.2g}x fp32 here (512-wide): not native")
     for size in (("micro",) if quick else ("micro", "tiny")):
         for prec in precs:
             say(f"training step builtin:{size} {prec} ...")

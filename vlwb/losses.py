@@ -99,9 +99,9 @@ class _SymmetricInfoNCE(torch.autograd.Function):
             # the diagonal's term, d_i k_i, is added beside them in fp32
             d = None if P is D else D.diagonal()
             if d is not None: P.diagonal().zero_()
-            def plus_diag(x, y, alpha=1.0): # the product x (of P or P^T) in fp32, plus alpha d_i y_i
+            def plus_diag(x, y, scale=1.0): # the product x (of P or P^T) in fp32, plus scale d_i y_i
                 x = x.to(f)
-                return x if d is None else x.addcmul_(d[:, None], y.to(f), value=alpha)
+                return x if d is None else x.addcmul_(d[:, None] * scale, y.to(f))
             # dL/dq = a s D k and dL/dk = a s D^T q with a = g / 2N; dL/ds = a sum_ij D_ij q_i.k_j = <dL/dq, q> / s
             if ctx.fold: # numbers: one product each, with its alpha (qc is q)
                 z, a, s = qc.new_zeros(()), float(g) / (2 * len(D)), ctx.s
@@ -117,7 +117,7 @@ class _SymmetricInfoNCE(torch.autograd.Function):
                     dqs = plus_diag(P @ kc, k).mul_(a) # dL/d(s q)
                     if need_s: ds = torch.vdot(dqs.flatten(), q.to(f).flatten())
                     dq = (dqs * saved_s[0].to(f)).to(q.dtype) if need_q else None
-                if need_k: dk = plus_diag(P.T @ qc, q.to(f) * saved_s[0].to(f)).mul_(a).to(ctx.k_dtype)
+                if need_k: dk = plus_diag(P.T @ qc, q, saved_s[0].to(f)).mul_(a).to(ctx.k_dtype)
             if ds is not None: ds = ds.reshape(ctx.s_shape)
         return dq, dk, ds, None
 

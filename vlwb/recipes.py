@@ -50,8 +50,7 @@ def quickstart(out="runs/quickstart", # run folder
     metrics = evaluate_shapes(module.model.eval(), paths["test"], progress=progress)
     metrics.update(steps=trainer.global_step, batch_size=batch_size, seed=seed, model=model, precision=precision,
                    **{f"matmul_{k}_gflops": round(rates[k], 2) for k in ("fp32", "bf16") if k in rates},
-                   **({"matmul_bf16_size": rates["bf16_size"], "matmul_bf16_ratio": round(
-                       rates["screen_ratio"] if rates["screened"] else rates["bf16"] / rates["fp32"], 4)}
+                   **({"matmul_bf16_size": rates["bf16_size"], "matmul_bf16_ratio": round(rates["bf16_ratio"], 4)}
                       if rates else {}),
                    seconds=round(time.time() - t0, 1), generate_seconds=round(t_gen - t0, 1),
                    train_seconds=round(train_s, 1))

@@ -233,17 +233,19 @@ def precision_rates(device: str = "cpu",
                     n: int = 2048, # side of the products measured
                     screen: float = 0.5, # bf16 below this fraction of fp32 at 512 is not measured at n
                     reps: int = 5) -> dict:
-    """The fp32 and bf16 matrix-product rates of this device, measured now (GFLOP/s). A 512-wide product of each comes
-    first (`screen_ratio`: bf16's rate over fp32's there): where bf16 runs below `screen` times fp32 (a CPU without
-    native bf16 emulates it, 100-500x slower on one with AVX2 alone), it is `screened`, its rate the 512-wide one
-    (`bf16_size`), found in seconds, not in the minutes that `n`-wide bf16 products take there."""
+    """The fp32 and bf16 matrix-product rates of this device, measured now (GFLOP/s), and `bf16_ratio`, bf16's over
+    fp32's at the side bf16 was measured at (`bf16_size`). A 512-wide product of each comes first: where bf16 runs below
+    `screen` times fp32 there (a CPU without native bf16 emulates it, 100-500x slower on one with AVX2 alone), it is
+    `screened`, its rate the 512-wide one, found in seconds, not in the minutes `n`-wide bf16 products take there."""
     small = {name: matmul_rate(dtype, 512, 3, device, warmup=1)
              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     # two warm-up calls at n: the first bf16 calls of a size also build oneDNN's kernels
-    rates = {"fp32": matmul_rate(torch.float32, n, reps, device, warmup=2),
-             "screen_ratio": small["bf16"] / small["fp32"]}
-    if rates["screen_ratio"] < screen: return {**rates, "bf16": small["bf16"], "bf16_size": 512, "screened": True}
-    return {**rates, "bf16": matmul_rate(torch.bfloat16, n, reps, device, warmup=2), "bf16_size": n, "screened": False}
+    fp32 = matmul_rate(torch.float32, n, reps, device, warmup=2)
+    if small["bf16"] < screen * small["fp32"]:
+        return {"fp32": fp32, "bf16": small["bf16"], "bf16_ratio": small["bf16"] / small["fp32"], "bf16_size": 512,
+                "screened": True}
+    bf16 = matmul_rate(torch.bfloat16, n, reps, device, warmup=2)
+    return {"fp32": fp32, "bf16": bf16, "bf16_ratio": bf16 / fp32, "bf16_size": n, "screened": False}
 
 def fastest_precision(accelerator: str = "cpu", # "cpu" or "cuda"
                       min_gain: float = 1.6, # bf16 must run matmuls at least this many times faster than fp32
