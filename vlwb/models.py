@@ -4,7 +4,7 @@
 
 # %% ../nbs/04_models.ipynb #04-003
 from __future__ import annotations
-import fnmatch
+import fnmatch, os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,9 +23,12 @@ __all__ = ['is_checkpoint', 'create_model', 'load', 'model_from', 'freeze_parame
 
 # %% ../nbs/04_models.ipynb #04-022
 def is_checkpoint(path) -> bool:
-    "Does `path` name a saved model (a folder with `model.safetensors`, or that file)?"
-    p = Path(str(path))
-    return (p / "model.safetensors").is_file() or (p.suffix == ".safetensors" and p.is_file())
+    """Does `path` name a saved model (a folder with `model.safetensors`, or that file)? A spec dict, or a name no file
+    system could hold (too long), is not one."""
+    if not isinstance(path, (str, os.PathLike)): return False
+    p = Path(path)
+    try: return (p / "model.safetensors").is_file() or (p.suffix == ".safetensors" and p.is_file())
+    except OSError: return False # e.g. ENAMETOOLONG
 
 def create_model(name: str | dict = "builtin:tiny", # "backend:name" (a registered backend), or a `VLModel.spec` dict
                  **overrides, # passed to the backend's `from_name` (builtin: config fields, e.g. embed_dim=64)
