@@ -93,7 +93,7 @@ def test_offline_missing_weights_fail_at_once(monkeypatch):
         create_model("open_clip:ViT-B-32:openai")
     with pytest.raises(FileNotFoundError, match=r"openai/clip-vit-base-patch32/config.json"):
         create_model("hf:openai/clip-vit-base-patch32")
-    assert time.time() - t0 < 15
+    assert time.time() - t0 < 60 # imports included; a hub retry loop would take minutes
     with pytest.raises(KeyError, match="no pretrained tag 'nonesuch'"): create_model("open_clip:ViT-B-32:nonesuch")
     with pytest.raises(KeyError, match="unknown backend 'timm'"): create_model("timm:vit")
 
