@@ -88,7 +88,7 @@ def _steps_done(d: Path) -> int:
 def run_one(study: Study, arm: Arm, seed: int, root, world, env: Optional[dict] = None) -> str:
     """Train (or resume) and evaluate one run; returns what it did: 'done' (already finished: skipped), 'trained',
     'resumed', 're-evaluated' (tasks changed).
-    A run is finished when its `eval.json` exists; a killed one resumes from its last Lightning checkpoint."""
+    A run is finished when its `eval.json` exists; a killed one resumes from its newest Lightning checkpoint."""
     d = run_dir(root, arm.name, seed)
     args = train_args(study, arm, seed, world, d)
     spec = {"train": args, "tasks": study.tasks}
@@ -103,9 +103,11 @@ def run_one(study: Study, arm: Arm, seed: int, root, world, env: Optional[dict] 
     # the same training with other evaluation tasks (or tasks not recorded) is evaluated again, not retrained
     what = "re-evaluated" if evaluated else "trained"
     if _steps_done(d) < study.steps:
-        last = d / "resume" / "last.ckpt"
-        if last.exists():
-            args += ["--ckpt_path", str(last)]
+        # the newest checkpoint in resume/: Lightning writes each one whole (temp file, then rename), the step one
+        # before last.ckpt, so a run killed between the two resumes from the step one
+        ckpts = sorted((d / "resume").glob("*.ckpt"), key=lambda f: (f.stat().st_mtime_ns, f.name == "last.ckpt"))
+        if ckpts:
+            args += ["--ckpt_path", str(ckpts[-1])]
             what = "resumed"
         t0 = time.time()
         with open(d / "train.log", "a") as log:
