@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_study.ipynb #15-003
 from __future__ import annotations
-import csv, io, json, math, os, subprocess, sys, time
+import csv, io, json, math, os, subprocess, sys, time, zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from .core import atomic_write, write_json
 
 # %% auto #0
-__all__ = ['Arm', 'Study', 'run_dir', 'train_args', 'run_one', 'run_study', 'interval', 'summarise', 'paired_differences',
-           'verdict', 'read_csv', 'collect', 'study_report', 'cached_metrics', 'structure_study']
+__all__ = ['Arm', 'Study', 'run_dir', 'train_args', 'resume_checkpoint', 'run_one', 'run_study', 'interval', 'summarise',
+           'paired_differences', 'verdict', 'read_csv', 'collect', 'study_report', 'cached_metrics', 'structure_study']
 
 # %% ../nbs/15_study.ipynb #15-006
 @dataclass
@@ -85,6 +85,14 @@ def _steps_done(d: Path) -> int:
     c = d / "checkpoint" / "config.json"
     return json.loads(c.read_text()).get("global_step", 0) if c.exists() else 0
 
+def resume_checkpoint(d: Path) -> Optional[Path]:
+    """The newest whole Lightning checkpoint in `d/resume`, or None. Lightning writes the step checkpoint, then its copy
+    `last.ckpt`, each to a temporary file first; a run killed between the two has only the step one, and where the
+    temporary file was on another file system, the last one may be cut short. A checkpoint is a zip archive whose
+    directory is written last: one cut short has none, and is passed over."""
+    ckpts = sorted((Path(d) / "resume").glob("*.ckpt"), key=lambda f: (f.stat().st_mtime_ns, f.name == "last.ckpt"))
+    return next((f for f in reversed(ckpts) if zipfile.is_zipfile(f)), None)
+
 def run_one(study: Study, arm: Arm, seed: int, root, world, env: Optional[dict] = None) -> str:
     """Train (or resume) and evaluate one run; returns what it did: 'done' (already finished: skipped), 'trained',
     'resumed', 're-evaluated' (tasks changed).
@@ -103,11 +111,8 @@ def run_one(study: Study, arm: Arm, seed: int, root, world, env: Optional[dict] 
     # the same training with other evaluation tasks (or tasks not recorded) is evaluated again, not retrained
     what = "re-evaluated" if evaluated else "trained"
     if _steps_done(d) < study.steps:
-        # the newest checkpoint in resume/: Lightning writes each one whole (temp file, then rename), the step one
-        # before last.ckpt, so a run killed between the two resumes from the step one
-        ckpts = sorted((d / "resume").glob("*.ckpt"), key=lambda f: (f.stat().st_mtime_ns, f.name == "last.ckpt"))
-        if ckpts:
-            args += ["--ckpt_path", str(ckpts[-1])]
+        if (ckpt := resume_checkpoint(d)) is not None:
+            args += ["--ckpt_path", str(ckpt)]
             what = "resumed"
         t0 = time.time()
         with open(d / "train.log", "a") as log:
