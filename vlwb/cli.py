@@ -42,9 +42,9 @@ def main(argv=None):
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--n-train", type=int, default=4000, help="training images")
     q.add_argument("--n-test", type=int, default=900, help="held-out images")
-    q.add_argument("--steps", type=int, default=1100, help="optimiser steps")
+    q.add_argument("--steps", type=int, default=1300, help="optimiser steps")
     q.add_argument("--batch-size", type=int, default=128)
-    q.add_argument("--lr", type=float, default=1e-3)
+    q.add_argument("--lr", type=float, default=1.5e-3)
     q.add_argument("--model", default="builtin:tiny", help="model to train, e.g. builtin:tiny or builtin:micro")
     q.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
                    help="auto (default): bf16-mixed where this CPU's bf16 matmuls run 1.6x fp32, measured at start")
