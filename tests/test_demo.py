@@ -228,7 +228,7 @@ QUICKSTART = ROOT / "runs" / "quickstart"
 @pytest.mark.skipif(not (QUICKSTART / "checkpoint" / "model.safetensors").exists(),
                     reason="runs/quickstart/checkpoint is absent (run `vlwb quickstart` first; CI does)")
 def test_quickstart_model_ranks_circle_first(tmp_path):
-    "Through the app, the quick start's model (zero-shot shape 91%) names most red circles of its test split 'circle'."
+    "Through the app, the quick start's model (zero-shot shape 97%) names most red circles of its test split 'circle'."
     test = QUICKSTART / "shapes" / "test.jsonl"
     proc, url, _ = start_demo(["--model", str(QUICKSTART / "checkpoint")], tmp_path)
     try:

@@ -22,7 +22,7 @@ def quickstart(out="runs/quickstart", # run folder
                seed: int = 0, # the world, the initialisation and the data order follow from it
                n_train: int = 4000, # training images
                n_test: int = 900, # held-out images (about a third hold a single object, used for zero-shot)
-               steps: int = 1300, # optimiser steps (with `lr`: chosen on five seeds, below)
+               steps: int = 1300, # optimiser steps (with `lr`: chosen on five seeds, see `10_recipes`)
                batch_size: int = 128,
                lr: float = 1.5e-3,
                model: str = "builtin:tiny",
@@ -33,7 +33,7 @@ def quickstart(out="runs/quickstart", # run folder
     quiet_lightning()
     out = Path(out)
     t0 = time.time()
-    # up to 3 objects per image: the 5-minute run's measured setting
+    # up to 3 objects per image
     paths = generate_shapes_world(out / "shapes", n_train=n_train, n_val=200, n_test=n_test, seed=seed, max_objects=3,
                                   progress=progress)
     t_gen = time.time()
