@@ -39,14 +39,16 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quickstart", help="generate the shapes world, train the builtin model with clip, evaluate it")
     q.add_argument("--out", default="runs/quickstart", help="run folder (default: runs/quickstart)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--n-train", type=int, default=4000, help="training images")
-    q.add_argument("--n-test", type=int, default=900, help="held-out images")
-    q.add_argument("--steps", type=int, default=1300, help="optimiser steps")
-    q.add_argument("--batch-size", type=int, default=128)
-    q.add_argument("--lr", type=float, default=1.5e-3)
-    q.add_argument("--model", default="builtin:tiny", help="model to train, e.g. builtin:tiny or builtin:micro")
-    q.add_argument("--precision", default="auto", choices=["auto", "32-true", "bf16-mixed"],
+    # the recipe's own defaults (`vlwb.recipes.quickstart`) hold wherever an option is not given
+    recipe = dict(default=argparse.SUPPRESS)
+    q.add_argument("--seed", type=int, help="seed of the world, the initialisation and the order (default 0)", **recipe)
+    q.add_argument("--n-train", type=int, help="training images (default 4,000)", **recipe)
+    q.add_argument("--n-test", type=int, help="held-out images (default 900)", **recipe)
+    q.add_argument("--steps", type=int, help="optimiser steps (default 1,300)", **recipe)
+    q.add_argument("--batch-size", type=int, help="pairs a step (default 128)", **recipe)
+    q.add_argument("--lr", type=float, help="peak learning rate (default 1.5e-3)", **recipe)
+    q.add_argument("--model", help="model to train, e.g. builtin:tiny (default) or builtin:micro", **recipe)
+    q.add_argument("--precision", choices=["auto", "32-true", "bf16-mixed"], **recipe,
                    help="auto (default): bf16-mixed where this CPU's bf16 matmuls run 1.6x fp32, measured at start")
     q.add_argument("--no-progress", action="store_true", help="hide progress bars")
     s = sub.add_parser("shapes", help="write a shapes world (PNG + masks + JSONL per split, and tar shards)")
@@ -115,8 +117,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.command == "quickstart":
         from vlwb.recipes import quickstart
-        m = quickstart(a.out, a.seed, a.n_train, a.n_test, a.steps, a.batch_size, a.lr, a.model,
-                       progress=not a.no_progress, precision=a.precision)
+        given = {k: v for k, v in vars(a).items()
+                 if k in ("seed", "n_train", "n_test", "steps", "batch_size", "lr", "model", "precision")}
+        m = quickstart(a.out, progress=not a.no_progress, **given)
         print(_report(a.out, m))
     elif a.command == "shapes":
         from vlwb.shapes import generate_shapes_world
