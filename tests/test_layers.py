@@ -7,8 +7,9 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "vlwb"
 # bottom to top: a module may import only modules to its left
 LAYERS = ["core", "text", "images", "records", "shards", "data", "shapes", "vlmodel", "builtin", "openclip", "hf",
-          "towers", "models", "contrast", "losses", "align", "train", "frozen", "textonly", "lm", "captioner", "eval",
-          "interpret", "viz", "report", "widgets", "demo", "study", "userbench", "bench", "recipes", "cli"]
+          "towers", "models", "contrast", "pairloss", "losses", "align", "train", "frozen", "textonly", "lm",
+          "captioner", "eval", "interpret", "viz", "report", "widgets", "demo", "study", "userbench", "bench",
+          "recipes", "cli"]
 RANK = {m: i for i, m in enumerate(LAYERS)}
 
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from vlwb.core import PairBatch, ImageEnc, TextEnc, TextKind
-from vlwb.losses import Objectives, clip_loss, OBJECTIVES
+from vlwb.losses import Objectives, OBJECTIVES
+from vlwb.pairloss import clip_loss
 
 
 def _unit(*shape, seed):

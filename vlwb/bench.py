@@ -216,7 +216,8 @@ def bench_write(n: int = 1000, reps: int = 3) -> tuple[list[float], list[float]]
 
 def _scaling_child(kind: str, B: int) -> dict:
     "In a fresh process: the memory rise and time of one forward + backward of `clip` or chunked `filip` at batch `B`."
-    from vlwb.losses import clip_loss, filip_similarity
+    from vlwb.losses import filip_similarity
+    from vlwb.pairloss import clip_loss
     g = torch.Generator().manual_seed(0)
     if kind == "clip":
         x, y = (F.normalize(torch.randn(B, 512, generator=g), dim=-1).requires_grad_() for _ in range(2))

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 from .core import ImageEnc, TextEnc, PairBatch, Registry, TextKind, l2norm, word_patch_similarity
 from .contrast import Contrast
+from .pairloss import clip_loss, siglip_loss
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'Objective', 'clip_loss', 'ClipObjective', 'SigLipObjective', 'filip_similarity',
-           'filip_similarity_naive', 'FilipObjective', 'circle_loss', 'MultiPositiveObjective', 'GroupingObjective',
-           'HardNegativeObjective', 'FeatureQueue', 'g2l_loss', 'soft_cross_entropy', 'TclObjective', 'Objectives']
+__all__ = ['OBJECTIVES', 'Objective', 'ClipObjective', 'SigLipObjective', 'filip_similarity', 'filip_similarity_naive',
+           'FilipObjective', 'circle_loss', 'MultiPositiveObjective', 'GroupingObjective', 'HardNegativeObjective',
+           'FeatureQueue', 'g2l_loss', 'soft_cross_entropy', 'TclObjective', 'Objectives']
 
 # %% ../nbs/05_losses.ipynb #05-008
 OBJECTIVES = Registry("objective")
@@ -33,93 +34,6 @@ class Objective(nn.Module):
 def _masked(logits: torch.Tensor, exclude: Optional[torch.Tensor]) -> torch.Tensor:
     "Logits with the `exclude`d pairs removed from every softmax (set to -inf)."
     return logits if exclude is None else logits.masked_fill(exclude, float("-inf"))
-
-def _infonce_terms(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The symmetric InfoNCE of the logits `L` `[n,n]` (fp32 or wider, -inf where a pair is left out) and
-    P_row + P_col, from one softmax: each column's sum is a matrix-vector product of the row softmax.
-    The exact two-softmax form where that product could underflow. `L` is overwritten."""
-    n = len(L)
-    p = torch.softmax(L, 1)
-    diag, p_diag = L.diagonal(), p.diagonal()
-    nll = -p_diag.log() # each row's loss; exact while its own pair's probability is a normal float
-    lse = diag + nll # each row's log-sum-exp (to rounding at the logits' size)
-    top = lse.max()
-    u = (lse - top).exp() # row i's sum, e^(lse_i - top), on a shift common to every row
-    col = u @ p # col_j = sum_i e^(l_ij - top)
-    # col_j >= n e^-50 puts every entry within e^-27 of column j's largest above e^-77: nothing of weight underflowed
-    if not bool((p_diag.min() < 1e-30) | (col.min() < n * math.exp(-50))):
-        loss = (nll.sum() + (col.log() + top - diag).sum()) / (2 * n)
-        # P_row + P_col = p_ij + p_ij (u_i / col_j), written into L's storage (not needed any more): two buffers of
-        # [n,n], not three, and two passes (the outer product, then one addcmul)
-        return loss, torch.addcmul(p, p, torch.outer(u, col.reciprocal(), out=L), out=L)
-    loss = (torch.logsumexp(L, 1).sum() + torch.logsumexp(L, 0).sum() - 2 * diag.sum()) / (2 * n)
-    return loss, p.add_(torch.softmax(L, 0))
-
-class _SymmetricInfoNCE(torch.autograd.Function):
-    """Symmetric InfoNCE of one logit matrix, its gradient in closed form: one `N x N` product forward, two backward
-    (autograd through two cross-entropies of `q @ k.T` and `k @ q.T` needs six). On the CPU in fp32, fp64 or bf16 the
-    scale and 1/2N are numbers on the products (`addmm`'s alpha): free to read there, and in range. Elsewhere they stay
-    tensors, applied to the `[N,D]` operands: reading one on a GPU waits for it, and in fp16 a loss scaler's factor on a
-    product's output can overflow."""
-    @staticmethod
-    def forward(ctx, q, k, scale, exclude):
-        dev = q.device.type
-        # under autocast the products run in its dtype; the softmax always in (at least) fp32
-        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(q.dtype, k.dtype)
-        ctx.fold = dev == "cpu" and cdt != torch.float16
-        with torch.autocast(dev, enabled=False):
-            kc = k.to(cdt)
-            if ctx.fold:
-                s, qc = float(scale), q.to(cdt)
-                L = torch.addmm(qc.new_zeros(()), qc, kc.T, beta=0, alpha=s) # s q k^T
-            else:
-                s = torch.as_tensor(scale, device=q.device)
-                qc = (q * s).to(cdt) # s q
-                L = qc @ kc.T
-            L = L.to(torch.promote_types(L.dtype, torch.float32))
-            if exclude is not None: L.masked_fill_(exclude, float("-inf"))
-            loss, D = _infonce_terms(L) # excluded pairs have probability 0, so no gradient
-            # D = P_row + P_col - 2I = 2N dloss/dL: each target's -1 in both softmaxes, off in fp32, before any cast
-            D.diagonal().sub_(2)
-        ctx.save_for_backward(q, k, qc, kc, D, *([] if ctx.fold else [s]))
-        ctx.s, ctx.k_dtype, ctx.s_shape = (s if ctx.fold else None), k.dtype, getattr(scale, "shape", ())
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        q, k, qc, kc, D, *saved_s = ctx.saved_tensors
-        need_q, need_k, need_s = ctx.needs_input_grad[:3]
-        dq = dk = ds = None
-        f = D.dtype
-        with torch.autocast(q.device.type, enabled=False):
-            P = D.to(qc.dtype)
-            # narrower than fp32 (bf16, fp16) the diagonal P_ii - 2 would lose P_ii's low digits in the cast (bf16's
-            # spacing near 2 is 2^-7, a quarter of P_ii = 2/B at B = 128): the products take the off-diagonal part and
-            # the diagonal's term, d_i k_i, is added beside them in fp32
-            d = None if P is D else D.diagonal()
-            if d is not None: P.diagonal().zero_()
-            def plus_diag(x, y, scale=1.0): # the product x (of P or P^T) in fp32, plus scale d_i y_i
-                x = x.to(f)
-                return x if d is None else x.addcmul_(d[:, None] * scale, y.to(f))
-            # dL/dq = a s D k and dL/dk = a s D^T q with a = g / 2N; dL/ds = a sum_ij D_ij q_i.k_j = <dL/dq, q> / s
-            if ctx.fold: # numbers: one product each, with its alpha (qc is q)
-                z, a, s = qc.new_zeros(()), float(g) / (2 * len(D)), ctx.s
-                if need_q or need_s:
-                    t = s if s != 0 else 1.0 # (for s = 0, dL/dq is zero, its product unscaled to give ds)
-                    dq = plus_diag(torch.addmm(z, P, kc, beta=0, alpha=a * t), k, a * t)
-                    if need_s: ds = torch.vdot(dq.flatten(), q.to(f).flatten()) / t
-                    dq = (dq if s != 0 else torch.zeros_like(dq)).to(q.dtype) if need_q else None
-                if need_k: dk = plus_diag(torch.addmm(z, P.T, qc, beta=0, alpha=a * s), q, a * s).to(ctx.k_dtype)
-            else: # tensors, on the [N,D] products in fp32 (qc is s q)
-                a = g.to(f) / (2 * len(D))
-                if need_q or need_s:
-                    dqs = plus_diag(P @ kc, k).mul_(a) # dL/d(s q)
-                    if need_s: ds = torch.vdot(dqs.flatten(), q.to(f).flatten())
-                    dq = (dqs * saved_s[0].to(f)).to(q.dtype) if need_q else None
-                if need_k: dk = plus_diag(P.T @ qc, q, saved_s[0].to(f)).mul_(a).to(ctx.k_dtype)
-            if ds is not None: ds = ds.reshape(ctx.s_shape)
-        return dq, dk, ds, None
 
 def _infonce(q: torch.Tensor, k: torch.Tensor, rows: slice, scale,
              exclude: Optional[torch.Tensor] = None, # `[N,N]` pairs (q_i, k_j) that are not negatives of each other
@@ -140,17 +54,6 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _all(c: Contrast) -> torch.Tensor: return torch.arange(c.n_images, device=c.text_image.device)
 
 # %% ../nbs/05_losses.ipynb #05-010
-def clip_loss(image_embed: torch.Tensor, # `[B,D]` unit-norm image embeddings
-              text_embed: torch.Tensor, # `[B,D]` unit-norm embeddings of each image's caption, in the same order
-              scale: torch.Tensor | float, # inverse temperature exp(logit_scale)
-              exclude: Optional[torch.Tensor] = None, # `[B,B]` pairs (image i, text j) left out of both softmaxes
-             ) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE: mean cross-entropy of image->text and text->image over the batch (the rows and the
-    columns of `scale * image_embed @ text_embed.T`, the diagonal the targets)."""
-    if image_embed.shape != text_embed.shape:
-        raise ValueError(f"clip_loss pairs rows: got {tuple(image_embed.shape)} and {tuple(text_embed.shape)}")
-    return _SymmetricInfoNCE.apply(image_embed, text_embed, scale, exclude)
-
 @OBJECTIVES.register("clip")
 class ClipObjective(Objective):
     "CLIP (Radford et al. 2021): symmetric InfoNCE between each image and its caption."
@@ -169,15 +72,11 @@ class SigLipObjective(Objective):
 
     def forward(self, c, scale):
         cap = c.caption_index()
-        logits = torch.addmm(self.bias.to(c.img.embed.dtype), scale * c.img.embed[c.images], _rows(c.txt.embed, cap).T)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) # under autocast: the sums in fp32
-        # -log sigmoid(z l) = softplus(l) - [z = 1] l: one element-wise pass, the positives' logits subtracted
-        terms = F.softplus(logits)
         # a duplicate caption is neither a negative nor this image's pair
         dup = c.false_negatives(_all(c)[c.images], cap)
-        if dup is not None: terms = terms.masked_fill(dup, 0)
-        positives = logits.diagonal(offset=c.images.start) # this rank's image i is global image start + i
-        return {"siglip": (terms.sum() - positives.sum()) / len(logits)}
+        # this rank's image i is global image start + i
+        return {"siglip": siglip_loss(c.img.embed[c.images], _rows(c.txt.embed, cap), scale, self.bias, dup,
+                                      c.images.start)}
 
 # %% ../nbs/05_losses.ipynb #05-018
 def filip_similarity(img_tokens: torch.Tensor, # `[B,I,D]` unit-norm patch tokens
