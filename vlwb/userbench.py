@@ -31,8 +31,8 @@ class _Labelled(torch.utils.data.Dataset):
     def __len__(self): return len(self.ds)
     def __getitem__(self, i): return self.ds[i]["image"], self.labels[i]
 
-def bench_zeroshot(n_test: int = 900, batch: int = 256, reps: int = 2,
-                   model: str = "builtin:tiny") -> Optional[tuple[float, float]]:
+def bench_zeroshot(n_test: int = 900, batch: int = 256, reps: int = 2, model: str = "builtin:tiny",
+                   device: str = "cpu") -> Optional[tuple[float, float]]:
     """Images per second of zero-shot shape + colour classification with vlwb's `evaluate` and with CLIP_benchmark's
     pipeline, on the same model and single-object images (None where CLIP_benchmark is not installed)."""
     import tempfile
@@ -43,7 +43,7 @@ def bench_zeroshot(n_test: int = 900, batch: int = 256, reps: int = 2,
     from vlwb.records import ImageCaptionDataset, read_records
     from vlwb.shapes import COLORS, SHAPES, generate_shapes_world
     torch.manual_seed(0)
-    m = create_model(model).eval()
+    m = create_model(model).to(device).eval()
     with tempfile.TemporaryDirectory() as d:
         test = generate_shapes_world(d, n_train=0, n_val=0, n_test=n_test, seed=0, progress=False, shard_size=0)["test"]
         single = Path(d) / "single.jsonl"
@@ -60,8 +60,8 @@ def bench_zeroshot(n_test: int = 900, batch: int = 256, reps: int = 2,
                 loader = torch.utils.data.DataLoader(_Labelled(ds, labels, names), batch_size=batch)
                 # `evaluate`'s two stages (its metric code trips over numpy 2's scalar conversion)
                 weights = cb.zero_shot_classifier(_AsOpenClip(m), tok, names,
-                                                  [t.replace("{}", "{c}") for t in templates], "cpu", amp=False)
-                logits, target = cb.run_classification(_AsOpenClip(m), weights, loader, "cpu", amp=False)
+                                                  [t.replace("{}", "{c}") for t in templates], device, amp=False)
+                logits, target = cb.run_classification(_AsOpenClip(m), weights, loader, device, amp=False)
                 out[attr] = (logits.argmax(1) == target).float().mean().item()
             return out
         a, b = ours(), theirs() # the two agree on what they measure
