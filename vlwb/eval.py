@@ -95,7 +95,7 @@ def evaluate_shapes(model: VLModel, path, # a shapes world split (JSONL written 
         raise ValueError(f"{path} has no single-object records (with an 'objects' list) for zero-shot evaluation")
     out = {"n_images": len(ds), "n_zeroshot_images": len(single)}
     for attr, names, templates, labels in targets:
-        logits = img[single] @ zeroshot_classifier(model, names, templates).T
+        logits = img[single] @ zeroshot_classifier(model, names, templates).cpu().T # (embeddings on the CPU)
         out[f"zeroshot_{attr}_top1"] = topk_accuracy(logits, labels)
         out[f"zeroshot_{attr}_chance"] = 1 / len(names)
     sim, ti = img @ txt.T, torch.arange(len(txt))
@@ -414,7 +414,7 @@ def evaluate(model: VLModel, path, # a split with captions (shapes world splits 
         single, targets = zeroshot_targets(ds)
         if "zeroshot" in tasks and single:
             for attr, names, templates, labels in targets:
-                logits = img[single] @ zeroshot_classifier(model, names, templates).T
+                logits = img[single] @ zeroshot_classifier(model, names, templates).cpu().T # (embeddings on the CPU)
                 out.update({f"zeroshot_{attr}_{k}": v for k, v in zeroshot_metrics(logits, labels).items()})
     if "compositional" in tasks: out.update(compositional_probes(model, path, progress=progress))
     if "winoground" in tasks: out.update(winoground_probe(model))

@@ -77,7 +77,9 @@ class _PairLoss(torch.autograd.Function):
                 qc = (q * s).to(cdt) # s q
                 L = qc @ kc.T if bias is None else torch.addmm(b, qc, kc.T)
             L = L.to(torch.promote_types(L.dtype, torch.float32))
-            if exclude is not None: L.masked_fill_(exclude, float("-inf")) # excluded pairs get no gradient
+            if exclude is not None: # excluded pairs get no gradient; a positive (its own pair) is never left out
+                own = L.diagonal(offset).clone()
+                L.masked_fill_(exclude, float("-inf")).diagonal(offset).copy_(own)
             if kind == "infonce":
                 loss, D = _infonce_terms(L)
                 # D = P_row + P_col - 2I = 2n dloss/dL: each target's -1 in both softmaxes, off in fp32, before any cast
@@ -132,7 +134,7 @@ class _PairLoss(torch.autograd.Function):
 def clip_loss(image_embed: torch.Tensor, # `[B,D]` unit-norm image embeddings
               text_embed: torch.Tensor, # `[B,D]` unit-norm embeddings of each image's caption, in the same order
               scale: torch.Tensor | float, # inverse temperature exp(logit_scale)
-              exclude: Optional[torch.Tensor] = None, # `[B,B]` pairs (image i, text j) left out of both softmaxes
+              exclude: Optional[torch.Tensor] = None, # `[B,B]` pairs left out of both softmaxes (never a positive)
              ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE: mean cross-entropy of image->text and text->image over the batch (the rows and the
     columns of `scale * image_embed @ text_embed.T`, the diagonal the targets)."""
@@ -144,13 +146,14 @@ def siglip_loss(image_embed: torch.Tensor, # `[n,D]` unit-norm image embeddings 
                 text_embed: torch.Tensor, # `[T,D]` unit-norm text embeddings, image i's caption in row `offset + i`
                 scale: torch.Tensor | float, # inverse temperature exp(logit_scale)
                 bias: torch.Tensor | float, # the learnable bias b
-                exclude: Optional[torch.Tensor] = None, # `[n,T]` pairs (image i, text j) left out of the sum
+                exclude: Optional[torch.Tensor] = None, # `[n,T]` pairs (image i, text j) left out (never a positive)
                 offset: int = 0, # the column of image 0's caption (this rank's first image's global index)
                ) -> torch.Tensor:
     """SigLIP's sigmoid loss: -log sigmoid(z_ij (s u_i.v_j + b)) summed over every pair and averaged over the images,
     z_ij = 1 for image i's caption and -1 for every other text."""
     if image_embed.shape[-1] != text_embed.shape[-1] or not 0 <= offset <= len(text_embed) - len(image_embed):
-        raise ValueError(f"siglip_loss: images {tuple(image_embed.shape)} with captions in rows {offset} on of "
-                         f"texts {tuple(text_embed.shape)}")
-    if not torch.is_tensor(bias): bias = torch.tensor(float(bias), device=image_embed.device)
+        raise ValueError(f"siglip_loss: images {tuple(image_embed.shape)}, their captions from row {offset}, do not "
+                         f"fit the texts {tuple(text_embed.shape)}")
+    dev = image_embed.device
+    bias = bias.to(dev) if torch.is_tensor(bias) else torch.tensor(float(bias), device=dev)
     return _PairLoss.apply(image_embed, text_embed, scale, bias, exclude, "sigmoid", offset)

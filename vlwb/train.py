@@ -240,7 +240,7 @@ def median_seconds(fn, reps: int = 5, warmup: int = 1) -> float:
 
 def device_sync(device: str):
     "A function that waits for `device`'s queued work: `torch.cuda.synchronize` on CUDA, nothing on the CPU."
-    return torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    return (lambda: torch.cuda.synchronize(device)) if str(device).startswith("cuda") else (lambda: None)
 
 def matmul_rate(dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 5, device: str = "cpu",
                 warmup: int = 1) -> float:
