@@ -108,8 +108,10 @@ def bench_clip_loss(B: int = 1024, D: int = 512, reps: int = 5,
 def peak_rise(fn, device: str = "cpu") -> tuple[float, float]:
     """Run `fn()` once: the rise of this process's resident memory above its level before (MB, sampled every 0.2 ms)
     and the seconds; on a GPU, the rise of the CUDA allocator's peak above what it held before, and the seconds to the
-    device's finish."""
+    device's finish, after one call unmeasured (a process's first sets up the device's libraries and their workspaces,
+    which are not `fn`'s)."""
     if str(device).startswith("cuda"):
+        fn()
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base, t = torch.cuda.memory_allocated(device), time.perf_counter()
@@ -149,8 +151,6 @@ def _filip_child(kind: str, B: int, I: int, L: int, D: int, device: str = "cpu")
         a, b = f(x, y, mask)
         (a.sum() + b.sum()).backward()
         sync()
-    # on a GPU the first call sets up the device's libraries and their workspaces, which are not the objective's
-    if str(device).startswith("cuda"): once()
     peak, _ = peak_rise(once, device)
     return {"peak_mb": peak, "seconds": median_seconds(once, 3, warmup=0)}
 
@@ -252,10 +252,10 @@ def _scaling_child(kind: str, B: int, device: str = "cpu") -> dict:
         x, y = (F.normalize(torch.randn(B, 16, 64, generator=g), dim=-1).to(device).requires_grad_() for _ in range(2))
         mask = torch.ones(B, 16, dtype=torch.bool, device=device)
         f = lambda: sum(s.sum() for s in filip_similarity(x, y, mask))
-    if str(device).startswith("cuda"): # the first call sets up the device's libraries and their workspaces
-        f().backward()
+    def once():
         x.grad = y.grad = None
-    peak, seconds = peak_rise(lambda: f().backward(), device)
+        f().backward()
+    peak, seconds = peak_rise(once, device)
     return {"kind": kind, "batch": B, "peak_mb": peak, "seconds": seconds}
 
 def bench_scaling(batches=(64, 128, 256, 512, 1024, 2048), device: str = "cpu") -> list[dict]:

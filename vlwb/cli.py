@@ -4,7 +4,7 @@
 
 # %% ../nbs/12_cli.ipynb #12-003
 from __future__ import annotations
-import argparse
+import argparse, inspect
 from pathlib import Path
 
 # %% auto #0
@@ -117,9 +117,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.command == "quickstart":
         from vlwb.recipes import quickstart
-        given = {k: v for k, v in vars(a).items()
-                 if k in ("seed", "n_train", "n_test", "steps", "batch_size", "lr", "model", "precision")}
-        m = quickstart(a.out, progress=not a.no_progress, **given)
+        # the options given (and --out), by the recipe's own parameter names
+        given = {k: v for k, v in vars(a).items() if k in inspect.signature(quickstart).parameters}
+        m = quickstart(progress=not a.no_progress, **given)
         print(_report(a.out, m))
     elif a.command == "shapes":
         from vlwb.shapes import generate_shapes_world

@@ -35,19 +35,22 @@ def _infonce_terms(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return loss, p.add_(torch.softmax(L, 0))
 
 # %% ../nbs/05b_pairloss.ipynb #05b-009
+def _softplus(x: torch.Tensor) -> torch.Tensor:
+    """softplus(x) = max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1], in passes the CPU vectorises (ATen's softplus and
+    log1p are not: about four times the time over a matrix, in the notebook). log1p(e) = log(u) - ((u - 1) - e) / u
+    for u = 1 + e rounded: the rounding's first-order correction (u - 1 is exact), to a few ulps, and e itself where u
+    rounds to 1. -inf gives 0."""
+    e = x.abs().neg_().exp_()
+    u = e + 1
+    r = (u - 1).sub_(e).div_(u)
+    return u.log_().sub_(r).add_(torch.clamp(x, min=0, out=e))
+
 def _sigmoid_terms(L: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """SigLIP's loss of the logits `L` `[n,T]` (fp32 or wider, -inf where a pair is left out), row i's positive in
     column `offset + i`, and n dloss/dL = sigmoid(L) - Z (Z 1 on the positives). `L` is overwritten."""
     pos = L.diagonal(offset).sum()
-    # -log sigmoid(z l) = softplus(l) - [z = 1] l, and softplus(l) = max(l, 0) + log1p(e), e = exp(-|l|) in (0, 1].
-    # log1p(e) = log(u) - ((u - 1) - e) / u for u = 1 + e rounded: the rounding's first-order correction (u - 1 is
-    # exact), to a few ulps, and e itself where u rounds to 1. Passes the CPU vectorises, unlike ATen's softplus and
-    # log1p (about four times the time over the matrix, in the notebook)
-    e = L.abs().neg_().exp_()
-    u = e + 1
-    r = (u - 1).sub_(e).div_(u)
-    soft = u.log_().sub_(r).sum() + torch.clamp(L, min=0, out=e).sum()
-    loss = (soft - pos) / len(L)
+    # -log sigmoid(z l) = softplus(l) - [z = 1] l
+    loss = (_softplus(L).sum() - pos) / len(L)
     D = torch.sigmoid(L, out=L)
     D.diagonal(offset).sub_(1)
     return loss, D
