@@ -6,10 +6,10 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "vlwb"
 # bottom to top: a module may import only modules to its left
-LAYERS = ["core", "text", "images", "records", "shards", "data", "shapes", "vlmodel", "builtin", "openclip", "hf",
-          "towers", "models", "contrast", "pairloss", "losses", "align", "train", "frozen", "textonly", "lm",
-          "captioner", "eval", "interpret", "viz", "report", "widgets", "demo", "study", "userbench", "bench",
-          "recipes", "cli"]
+LAYERS = ["core", "provenance", "text", "images", "records", "shards", "data", "shapes", "vlmodel", "builtin",
+          "openclip", "hf", "towers", "models", "contrast", "pairloss", "losses", "align", "train", "frozen",
+          "textonly", "lm", "captioner", "eval", "interpret", "viz", "report", "widgets", "demo", "recipes", "verdicts",
+          "study", "userbench", "bench", "cli"]
 RANK = {m: i for i, m in enumerate(LAYERS)}
 
 

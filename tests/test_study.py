@@ -15,7 +15,8 @@ from vlwb.study import Study, run_study, read_csv, run_dir
 
 SPEC = {"name": "micro", "baseline": "clip", "seeds": [0, 1], "model": "builtin:micro", "steps": 8, "batch_size": 16,
         "world": {"n_train": 64, "n_val": 8, "n_test": 24, "seed": 0}, "tasks": "zeroshot,retrieval",
-        "arms": {"clip": {"preset": "clip"}, "siglip": {"preset": "siglip"}}, "claims": {"text_retrieval_recall@1": 1}}
+        "arms": {"clip": {"preset": "clip"}, "siglip": {"preset": "siglip"}}, "claims": {"text_retrieval_recall@1": 1},
+        "pilot": True, "primary": "text_retrieval_recall@1", "delta": 0.05, "competence": {"zeroshot_shape_acc1": 0.9}}
 
 
 def _cli(*args, **kw):
@@ -107,3 +108,85 @@ def test_a_changed_study_never_reuses_old_runs(tmp_path):
     write_json(d / "run.json", {"train": ["clip", "--trainer.max_steps", "999"], "tasks": s.tasks})
     with pytest.raises(ValueError, match="was trained with other settings"):
         run_one(s, s.arms[0], 0, tmp_path, tmp_path / "world")
+
+
+def test_study_cli_judges_with_the_gate_and_records_provenance(tmp_path):
+    "Through `vlwb study`: a micro baseline far below its shape bar gets no verdict; study.json says what made it."
+    import json
+    spec = tmp_path / "micro.yaml"
+    spec.write_text(yaml.safe_dump(SPEC | {"steps": 3}))
+    out = _cli("study", str(spec), "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "studies"),
+               "--no-progress", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = out.communicate(timeout=900)
+    assert out.returncode == 0, stderr[-3000:]
+    assert "against the bar 0.900: MISSED" in stdout and "pilot: untestable at this budget" in stdout, stdout
+    verdicts = read_csv(tmp_path / "studies" / "micro" / "verdicts.csv")
+    assert [(v["arm"], v["role"], v["verdict"]) for v in verdicts] == \
+        [("siglip", "primary", "pilot: untestable at this budget")]
+    assert verdicts[0]["chance"] == 1 / 24 # recall@1 over the 24 test images
+    info = json.loads((tmp_path / "studies" / "micro" / "study.json").read_text())
+    prov = info["provenance"]
+    assert prov["commit"] and prov["torch"] and prov["cpu"] and "threads" in prov and prov["wall_seconds"] > 0, prov
+    assert info["spec_hash"] == Study.from_dict(SPEC | {"steps": 3}).spec_hash()
+    assert info["gate"]["met"] is False and info["gate"]["bars"][0]["metric"] == "zeroshot_shape_acc1"
+    # each seed drew its own world
+    assert (tmp_path / "runs" / "micro" / "world-0").is_dir() and (tmp_path / "runs" / "micro" / "world-1").is_dir()
+
+
+def test_study_check_flags_a_study_whose_code_changed(tmp_path):
+    """`vlwb study --check`: a study made at this checkout's first commit is stale (its losses changed since), one made
+    at HEAD is current (where the working tree's study code is committed), and one without a commit is said to be so."""
+    import json
+    from vlwb.provenance import STUDY_CODE, git, repo_root
+    repo = repo_root()
+    head, root = git(repo, "rev-parse", "HEAD"), git(repo, "rev-list", "--max-parents=0", "HEAD")
+    if not head or not root or git(repo, "rev-parse", "--is-shallow-repository") == "true":
+        pytest.skip("vlwb does not run from a whole git checkout")
+    for name, commit in (("old", root.split()[0]), ("now", head), ("bare", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "study.json").write_text(json.dumps({"provenance": {"commit": commit}}))
+    out = _cli("study", "--check", "--results", str(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+               text=True)
+    stdout, stderr = out.communicate(timeout=120)
+    assert out.returncode == 1, (stdout, stderr)
+    lines = {line.split()[0]: line for line in stdout.splitlines()}
+    assert "stale" in lines["old"] and "vlwb/" in lines["old"], stdout
+    assert "no commit recorded" in lines["bare"]
+    dirty = git(repo, "status", "--porcelain", "--", *STUDY_CODE)
+    assert ("current" in lines["now"]) == (not dirty), stdout
+
+
+def test_tuning_on_validation_then_fine_tuning_from_a_shared_start(tmp_path):
+    """Every arm tries the same learning rates with a tuning seed on the validation split, from the shared start of
+    that seed; the reported seeds then fine-tune the same start with the
+    chosen values, and study.json and tuning.csv say what was tried and chosen."""
+    import json
+    from vlwb.study import choose
+    small = {"name": "clip", "model": "builtin:micro", "steps": 4, "batch_size": 16, "n_train": 64, "n_test": 24}
+    spec = SPEC | {"steps": 3, "tasks": "zeroshot,retrieval", "start": small, "warmup": 0.34,
+                   "tune": {"model.lr": [1e-4, 3e-3]}, "tune_seeds": [7],
+                   "arms": {"clip": {"preset": "clip"},
+                            "hardneg": {"preset": "clip", "overrides": {"data.n_negatives": 1,
+                                                                        "model.objectives": {"clip": 1.0,
+                                                                                             "hardneg": 1.0}}}}}
+    s = Study.from_dict(spec)
+    out = run_study(s, tmp_path / "runs", tmp_path / "studies", progress=False)
+    root = tmp_path / "runs" / "micro"
+    assert sum(k[0].startswith("tune/") for k in out["did"]) == 2 + 2 # 2 learning rates for each arm
+    shared = list((tmp_path / "runs" / "shared").glob("clip-*/seed-*/checkpoint"))
+    assert sorted(p.parent.name for p in shared) == ["seed-0", "seed-1", "seed-7"] # reported and tuning seeds
+    run = json.loads((run_dir(root, "hardneg", 0) / "run.json").read_text())
+    args = dict(zip(run["train"][1::2], run["train"][2::2]))
+    assert args["--model.model"] == str(next(p for p in shared if p.parent.name == "seed-0")) # fine-tunes the start
+    assert args["--model.warmup_steps"] == "1" # 0.34 of 3 steps
+    info = json.loads((tmp_path / "studies" / "micro" / "study.json").read_text())
+    tried = read_csv(tmp_path / "studies" / "micro" / "tuning.csv")
+    assert len(tried) == 4 and sum(str(r["chosen"]) == "True" for r in tried) == 2
+    for arm in ("clip", "hardneg"): # the chosen values are the ones the reported runs used
+        chosen, rows = choose(s, next(a for a in s.arms if a.name == arm), root)
+        assert info["tuned"][arm] == chosen
+        assert max(r["mean"] for r in rows) == next(r for r in rows if r["chosen"])["mean"]
+        a = json.loads((run_dir(root, arm, 1) / "run.json").read_text())["train"]
+        assert a[a.index("--model.lr") + 1] == json.dumps(chosen["model.lr"])
+    assert json.loads((run_dir(root, "tune/clip-0", 7) / "run.json").read_text())["split"] == "val"
+    assert info["spec_hash"] == s.spec_hash() and info["tune"] == {"model.lr": [1e-4, 3e-3]}

@@ -93,7 +93,13 @@ def main(argv=None):
     g.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
     st = sub.add_parser("study", help="arms x seeds at one budget: train, evaluate, tables with intervals and verdicts")
-    st.add_argument("spec", help="a study YAML (arms, baseline, seeds, model, steps, batch_size, world, claims)")
+    st.add_argument("spec", nargs="?", help="a study YAML (arms, baseline, seeds, model, steps, batch_size, world, "
+                    "claims, primary, delta, competence)")
+    st.add_argument("--check", action="store_true", help="list the committed studies (under --results) whose data, "
+                    "model, objective, training or evaluation code changed since the commit that made them; exit 1 "
+                    "if any did")
+    st.add_argument("--index", action="store_true", help="write --results/README.md: one row per committed study "
+                    "(claim, protocol, primary metric, verdict, commit)")
     st.add_argument("--workers", type=int, default=1, help="runs in parallel processes")
     st.add_argument("--runs", default="runs/studies", help="where run folders go (checkpoints: large)")
     st.add_argument("--results", default="studies", help="where the tidy tables go (small: commit them)")
@@ -146,8 +152,21 @@ def main(argv=None):
         gallery = a.gallery or ("runs/quickstart/shapes/test.jsonl"
                                 if Path("runs/quickstart/shapes/test.jsonl").exists() else None)
         serve(models, gallery, share=a.share, host=a.host, port=a.port)
+    elif a.command == "study" and a.index:
+        from vlwb.core import atomic_write
+        from vlwb.study import study_index
+        path = Path(a.results) / "README.md"
+        atomic_write(path, "# Studies\n\nWritten by `vlwb study --index` from the committed tables; each verdict as "
+                     "`15_study` defines it.\n\n" + study_index(a.results))
+        print(f"wrote {path}")
+    elif a.command == "study" and a.check:
+        from vlwb.study import check_studies, format_check
+        rows = check_studies(a.results)
+        print(format_check(rows))
+        return int(any(r["status"] != "current" for r in rows))
     elif a.command == "study":
         from vlwb.study import Study, run_study, study_report
+        if not a.spec: p.error("vlwb study: give a study YAML, or --check")
         s = Study.load(a.spec)
         out = run_study(s, a.runs, a.results, a.workers, progress=not a.no_progress)
         print(study_report(s, out))

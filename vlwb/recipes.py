@@ -4,10 +4,12 @@
 
 # %% ../nbs/10_recipes.ipynb #10-003
 from __future__ import annotations
-import time
+import hashlib, json, shutil, time
 from pathlib import Path
+from typing import Optional
 
 from .core import seed_everything, write_json
+from .provenance import code_fingerprint
 from .shapes import generate_shapes_world
 from .data import PairDataModule
 from .models import VLModel, load
@@ -15,7 +17,7 @@ from .train import VLModule, fastest_precision, make_trainer, quiet_lightning
 from .eval import evaluate_shapes
 
 # %% auto #0
-__all__ = ['quickstart', 'train_viz_model', 'default_model']
+__all__ = ['SHARED_STARTS', 'quickstart', 'train_viz_model', 'shared_start', 'default_model']
 
 # %% ../nbs/10_recipes.ipynb #10-006
 def quickstart(out="runs/quickstart", # run folder
@@ -26,6 +28,7 @@ def quickstart(out="runs/quickstart", # run folder
                batch_size: int = 128,
                lr: float = 1.5e-3,
                model: str = "builtin:tiny",
+               model_config: Optional[dict] = None, # overrides of the model's config (e.g. {"patch_size": 16})
                progress: bool = True, # progress bars
                precision: str = "auto", # "auto": bf16-mixed where this CPU multiplies bf16 1.6x faster, else "32-true"
               ) -> dict:
@@ -40,7 +43,8 @@ def quickstart(out="runs/quickstart", # run folder
     rates = {}
     if precision == "auto": precision, rates = fastest_precision("cpu")
     seed_everything(seed)
-    module = VLModule(model, objectives={"clip": 1.0}, lr=lr, warmup_steps=min(50, steps // 10))
+    module = VLModule(model, model_config=model_config, objectives={"clip": 1.0}, lr=lr,
+                      warmup_steps=min(50, steps // 10))
     # the tokenizer and the image preprocessing follow the model
     # 4,000 decoded 64 x 64 images are 49 MB: decoded once, not once an epoch
     dm = PairDataModule(str(paths["train"]), str(paths["val"]), batch_size=batch_size, seed=seed, cache_images_mb=256)
@@ -49,6 +53,7 @@ def quickstart(out="runs/quickstart", # run folder
     train_s = time.time() - t_gen
     metrics = evaluate_shapes(module.model.eval(), paths["test"], progress=progress)
     metrics.update(steps=trainer.global_step, batch_size=batch_size, seed=seed, model=model, precision=precision,
+                   model_config=model_config or {},
                    **{f"matmul_{k}_gflops": round(rates[k], 2) for k in ("fp32", "bf16") if k in rates},
                    **({"matmul_bf16_size": rates["bf16_size"], "matmul_bf16_ratio": round(rates["bf16_ratio"], 4)}
                       if rates else {}),
@@ -80,6 +85,35 @@ def _train_viz_model(out, steps, n_train, model, objective, seed, progress):
     dm = PairDataModule(str(paths["train"]), str(paths["val"]), batch_size=64, seed=seed)
     make_trainer(out, max_steps=steps, val_every=None, progress=progress).fit(module, dm)
     return module.model.eval(), paths["test"]
+
+# %% ../nbs/10_recipes.ipynb #10-010b
+SHARED_STARTS = {
+    # competent in minutes on any CPU: chosen on five seeds in fp32 (see "A competent CLIP in minutes" above)
+    "clip": dict(model="builtin:micro", model_config=None, steps=1600, batch_size=128, lr=3e-3, n_train=4000,
+                 n_test=900),
+}
+
+def shared_start(name: str = "clip", # a recipe of `SHARED_STARTS`
+                 seed: int = 0, # the world's seed, the initialisation's and the data order's
+                 root="runs/studies/shared", progress: bool = True,
+                 recipe: Optional[dict] = None, # overrides of the named recipe (part of the key)
+                ) -> Path:
+    """The checkpoint folder of `SHARED_STARTS[name]` trained on the shapes world of `seed`: trained the first time,
+    then read from its cache (keyed by recipe, precision and code)."""
+    import fcntl
+    if name not in SHARED_STARTS: raise KeyError(f"unknown shared start {name!r}; known: {', '.join(SHARED_STARTS)}")
+    recipe = SHARED_STARTS[name] | (recipe or {})
+    precision = fastest_precision("cpu")[0]
+    key = hashlib.sha256(json.dumps({"recipe": recipe, "precision": precision, "code": code_fingerprint()},
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(root) / f"{name}-{key}" / f"seed-{seed}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".seed-{seed}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "metrics.json").exists(): # written last: a start cut short is trained again, from nothing
+            shutil.rmtree(out, ignore_errors=True)
+            quickstart(out, seed=seed, precision=precision, progress=progress, **recipe)
+    return out / "checkpoint"
 
 # %% ../nbs/10_recipes.ipynb #10-012
 def default_model(progress: bool = True) -> VLModel:

@@ -4,45 +4,64 @@
 
 # %% ../nbs/15_study.ipynb #15-003
 from __future__ import annotations
-import csv, io, json, math, os, subprocess, sys, time, zipfile
+import csv, hashlib, io, itertools, json, os, subprocess, sys, time, zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 import yaml
-from scipy.stats import t as student_t
 from tqdm.auto import tqdm
 
 from .core import atomic_write, write_json
+from .provenance import provenance
+from .verdicts import VERDICTS, chance_level, holm, paired_differences, paired_p, summarise, verdict
 
 # %% auto #0
-__all__ = ['Arm', 'Study', 'run_dir', 'train_args', 'resume_checkpoint', 'run_one', 'run_study', 'interval', 'summarise',
-           'paired_differences', 'verdict', 'read_csv', 'collect', 'study_report', 'cached_metrics', 'structure_study']
+__all__ = ['MIN_SEEDS', 'Arm', 'Study', 'run_dir', 'train_args', 'resume_checkpoint', 'world_dir', 'run_one', 'tuning_grid',
+           'choose', 'run_study', 'competence', 'judge', 'write_csv', 'read_csv', 'collect', 'study_report',
+           'study_index']
 
 # %% ../nbs/15_study.ipynb #15-006
+MIN_SEEDS = 5 # a study's verdicts need at least this many seeds, fixed in its spec before it runs
+
 @dataclass
 class Arm:
     "One arm of a study: a training preset and the flags that make it differ (`{'model.objectives': {...}}`)."
     name: str
     preset: str = "clip"
     overrides: dict = field(default_factory=dict)
+    tune: dict = field(default_factory=dict) # flag -> values tried on the validation split (the method's key weight)
 
 @dataclass
 class Study:
     """Arms x seeds at one budget: each run a `vlwb train` of its arm's preset, evaluated by `vlwb eval`
-    on one held-out split."""
+    on one held-out split. What decides the study is written down before it runs: the primary metric, the margin
+    inside which a difference counts as none, the seeds, and the baseline's competence bar."""
     name: str
     arms: list # of `Arm`
     baseline: str # the arm every other is compared with
-    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    seeds: list = field(default_factory=lambda: [0, 1, 2, 3, 4])
     model: str = "builtin:micro" # the same model for every arm
     steps: int = 300 # the same optimiser steps
     batch_size: int = 64 # the same images per step (an arm may override it: say so in its name)
     world: dict = field(default_factory=lambda: {"n_train": 2000, "n_val": 100, "n_test": 300, "seed": 0})
+    world_per_seed: bool = True # seed s trains and tests on the world of seed world.seed + s (test-set noise counts)
     tasks: str = "zeroshot,retrieval,compositional,winoground,pointing" # `vlwb eval --tasks`
     claims: dict = field(default_factory=dict) # metric -> +1 (the paper says the arm raises it) or -1 (lowers it)
+    primary: Optional[str] = None # the one claimed metric the verdict rests on; the other claims are secondary
+    delta: Optional[float] = None # equivalence margin on the primary metric: |difference| <= delta counts as none
+    margins: dict = field(default_factory=dict) # equivalence margins of secondary metrics (none: never "does not")
+    competence: dict = field(default_factory=dict) # metric -> the baseline's bar (mean over seeds) before any verdict
+    chance: dict = field(default_factory=dict) # metric -> chance level, where `chance_level` does not know it
+    pilot: bool = False # fewer than MIN_SEEDS seeds, or no primary: its verdicts are marked as a pilot's
+    tune: dict = field(default_factory=dict) # flag -> values every arm tries (e.g. {"model.lr": [3e-4, 1e-3, 3e-3]})
+    tune_seeds: list = field(default_factory=lambda: [100]) # the tuning runs' seeds: never a reported one
+    warmup: Optional[float] = None # warm-up as a fraction of the steps (None: the preset's own steps)
+    precision: Optional[str] = None # every run's `--trainer.precision`; "auto": bf16-mixed where this CPU multiplies
+                                    # bf16 1.6x faster than fp32, measured once as the study starts (None: the preset's)
+    start: Optional[str | dict] = None # a shared start every run fine-tunes: a name of `vlwb.recipes.SHARED_STARTS`
+                                       # ("clip"), or {name: ..., **overrides of that recipe}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Study":
@@ -56,6 +75,20 @@ class Study:
         if s.baseline not in [a.name for a in s.arms]:
             raise ValueError(f"baseline {s.baseline!r} is not an arm; arms: {', '.join(a.name for a in s.arms)}")
         if len(set(s.seeds)) < 2: raise ValueError("a study needs at least 2 seeds for an interval")
+        if not s.pilot:
+            if len(set(s.seeds)) < MIN_SEEDS:
+                raise ValueError(f"{s.name}: {len(set(s.seeds))} seeds; a study needs at least {MIN_SEEDS} "
+                                 "(or pilot: true, whose verdicts are marked as a pilot's)")
+            missing = [k for k in ("primary", "delta") if getattr(s, k) is None] + (["competence"] if not
+                                                                                    s.competence else [])
+            if missing: raise ValueError(f"{s.name}: a study states {', '.join(missing)} before it runs "
+                                         "(or pilot: true)")
+        if set(s.tune_seeds) & set(s.seeds):
+            raise ValueError(f"tuning seeds {sorted(set(s.tune_seeds) & set(s.seeds))} are also reported seeds")
+        if (s.tune or any(a.tune for a in s.arms)) and s.primary is None:
+            raise ValueError(f"{s.name}: tuning chooses on the primary metric: name one (primary: METRIC)")
+        if s.primary is not None and s.primary not in s.claims:
+            raise ValueError(f"primary metric {s.primary!r} is not among the claims: {', '.join(s.claims)}")
         return s
 
     @classmethod
@@ -67,17 +100,32 @@ class Study:
 
     def runs(self) -> list[tuple[Arm, int]]: return [(a, s) for a in self.arms for s in self.seeds]
 
+    def to_dict(self) -> dict:
+        "The spec as `from_dict` reads it."
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "arms"} | {
+            "arms": {a.name: {k: v for k, v in asdict(a).items() if k != "name"} for a in self.arms}}
+
+    def world_seed(self, seed: int) -> int: return self.world.get("seed", 0) + (seed if self.world_per_seed else 0)
+
+    def spec_hash(self) -> str:
+        "A hash of everything the spec fixes (its fields, arms included): equal specs, equal hashes."
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
 # %% ../nbs/15_study.ipynb #15-009
 def _cli() -> list[str]: return [sys.executable, "-c", "import sys; from vlwb.cli import main; sys.exit(main())"]
 
 def run_dir(root, arm: str, seed: int) -> Path: return Path(root) / arm / f"seed-{seed}"
 
-def train_args(study: Study, arm: Arm, seed: int, world, out) -> list[str]:
+def train_args(study: Study, arm: Arm, seed: int, world, out,
+               start=None, # a checkpoint to fine-tune (the study's shared start for this seed) instead of a new model
+              ) -> list[str]:
     "The `vlwb train` arguments of one run: the arm's preset and overrides at the study's budget and this seed."
     args = [arm.preset, "--data.shapes", str(world), "--out", str(out), "--seed_everything", str(seed),
-            "--data.seed", str(seed), "--model.model", study.model, "--trainer.max_steps", str(study.steps),
-            "--data.batch_size", str(study.batch_size), "--trainer.val_check_interval", str(study.steps),
-            "--save_every", str(max(1, study.steps // 4)), "--progress", "false"]
+            "--data.seed", str(seed), "--model.model", str(start or study.model), "--trainer.max_steps",
+            str(study.steps), "--data.batch_size", str(study.batch_size), "--trainer.val_check_interval",
+            str(study.steps), "--save_every", str(max(1, study.steps // 4)), "--progress", "false"]
+    if study.warmup is not None: args += ["--model.warmup_steps", str(max(1, round(study.warmup * study.steps)))]
+    if study.precision is not None: args += ["--trainer.precision", study.precision]
     for k, v in arm.overrides.items(): args += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
     return args
 
@@ -93,20 +141,29 @@ def resume_checkpoint(d: Path) -> Optional[Path]:
     ckpts = sorted((Path(d) / "resume").glob("*.ckpt"), key=lambda f: (f.stat().st_mtime_ns, f.name == "last.ckpt"))
     return next((f for f in reversed(ckpts) if zipfile.is_zipfile(f)), None)
 
-def run_one(study: Study, arm: Arm, seed: int, root, world, env: Optional[dict] = None) -> str:
+def world_dir(root, study: Study, seed: int) -> Path:
+    "The shapes world run `seed` trains and tests on: one per seed (`world_per_seed`), or the study's one."
+    return Path(root) / (f"world-{study.world_seed(seed)}" if study.world_per_seed else "world")
+
+def run_one(study: Study, arm: Arm, seed: int, root, world, env: Optional[dict] = None,
+            start=None, # the checkpoint this run fine-tunes (None: a new `study.model`)
+            split: str = "test", # the world's split it is evaluated on ("val" while tuning)
+            folder: Optional[str] = None, # its folder under `root` (default: the arm's name)
+           ) -> str:
     """Train (or resume) and evaluate one run; returns what it did: 'done' (already finished: skipped), 'trained',
     'resumed', 're-evaluated' (tasks changed).
     A run is finished when its `eval.json` exists; a killed one resumes from its newest Lightning checkpoint."""
-    d = run_dir(root, arm.name, seed)
-    args = train_args(study, arm, seed, world, d)
-    spec = {"train": args, "tasks": study.tasks}
+    d = run_dir(root, folder or arm.name, seed)
+    args = train_args(study, arm, seed, world, d, start)
+    spec = {"train": args, "tasks": study.tasks, "split": split}
     old = json.loads((d / "run.json").read_text()) if (d / "run.json").exists() else None
     if old is not None and old["train"] != spec["train"]:
         raise ValueError(f"{d} was trained with other settings ({d / 'run.json'}): "
                          "give the changed study another name, or "
                          "delete its run folders to run it again")
     evaluated = (d / "eval.json").exists()
-    if evaluated and old is not None and old["tasks"] == spec["tasks"]: return "done"
+    if evaluated and old is not None and (old["tasks"], old.get("split", "test")) == (spec["tasks"], split):
+        return "done"
     write_json(d / "run.json", spec)
     # the same training with other evaluation tasks (or tasks not recorded) is evaluated again, not retrained
     what = "re-evaluated" if evaluated else "trained"
@@ -122,76 +179,128 @@ def run_one(study: Study, arm: Arm, seed: int, root, world, env: Optional[dict] 
         write_json(d / "timing.json", {"train_seconds": round(time.time() - t0, 1), "resumed": what == "resumed"})
     with open(d / "eval.log", "w") as log:
         r = subprocess.run(_cli() + ["eval", "--model", str(d / "checkpoint"),
-                                     "--data", str(Path(world) / "test.jsonl"),
+                                     "--data", str(Path(world) / f"{split}.jsonl"),
                                      "--tasks", study.tasks, "--out", str(d / "eval.json")],
                            stdout=log, stderr=subprocess.STDOUT, env=env)
     if r.returncode: raise RuntimeError(f"{study.name}/{arm.name}/seed-{seed}: vlwb eval failed; see {d / 'eval.log'}")
     return what
+
+# %% ../nbs/15_study.ipynb #15-010b
+def tuning_grid(study: Study, arm: Arm) -> list[dict]:
+    "Every combination of the study's and the arm's tuning values, as overrides (flag -> value), in a fixed order."
+    grid = {**study.tune, **arm.tune}
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
+
+def _tag(combo: dict) -> str:
+    return ",".join(f"{k.rsplit('.', 1)[-1]}={v if isinstance(v, (str, int, float)) else json.dumps(v, sort_keys=True)}"
+                    for k, v in combo.items()) or "default"
+
+def choose(study: Study, arm: Arm, root) -> tuple[dict, list[dict]]:
+    """The arm's tuning value with the best mean validation primary metric over the tuning seeds (ties: the first in
+    grid order), and one row per value tried."""
+    rows = []
+    for i, combo in enumerate(tuning_grid(study, arm)):
+        vals = [json.loads((run_dir(root, f"tune/{arm.name}-{i}", s) / "eval.json").read_text())["metrics"]
+                .get(study.primary) for s in study.tune_seeds]
+        if any(v is None for v in vals):
+            raise KeyError(f"{study.name}: tuning runs of {arm.name} report no {study.primary!r} on the validation "
+                           "split")
+        rows.append({"arm": arm.name, "values": _tag(combo), "metric": study.primary, "mean": sum(vals) / len(vals),
+                     "seeds": " ".join(map(str, study.tune_seeds)), "overrides": json.dumps(combo, sort_keys=True)})
+    best = max(range(len(rows)), key=lambda i: (rows[i]["mean"], -i))
+    for i, r in enumerate(rows): r["chosen"] = i == best
+    return tuning_grid(study, arm)[best], rows
 
 def run_study(study: Study, # what to run
               runs="runs/studies", # run folders go to runs/studies/NAME/ARM/seed-S (checkpoints: not for committing)
               results="studies", # the tidy tables go to studies/NAME/ (small: for committing)
               workers: int = 1, # runs in parallel processes (each gets cpu_count / workers threads)
               progress: bool = True) -> dict:
-    """Run every arm x seed not yet finished, then collect the results;
-    returns {'results', 'summary', 'paired', 'curves', 'did'}."""
+    """Tune every arm (where the spec has a grid), run every arm x seed not yet finished with its chosen values, then
+    collect the results; returns {'results', 'summary', 'paired', 'verdicts', 'curves', 'tuning', 'did'}."""
     from vlwb.shapes import generate_shapes_world
     root = Path(runs) / study.name
-    world = root / "world"
-    if not (world / "test.jsonl").exists(): generate_shapes_world(world, progress=progress, **study.world)
+    t0 = time.time()
+    spec = study
+    if study.precision == "auto": # resolved once, so that every run of the study trains alike
+        from vlwb.train import fastest_precision
+        study = replace(study, precision=fastest_precision("cpu")[0])
+    tuning = any(len(tuning_grid(study, a)) > 1 for a in study.arms)
+    seeds = list(dict.fromkeys(study.seeds + (study.tune_seeds if tuning else [])))
+    for seed in seeds:
+        world = world_dir(root, study, seed)
+        if not (world / "test.jsonl").exists():
+            generate_shapes_world(world, progress=progress, **(study.world | {"seed": study.world_seed(seed)}))
+    starts = {s: None for s in seeds}
+    if study.start:
+        from vlwb.recipes import shared_start
+        start = dict(study.start) if isinstance(study.start, dict) else {"name": study.start}
+        starts = {s: shared_start(start.pop("name", "clip"), study.world_seed(s), Path(runs) / "shared",
+                                  progress=progress, recipe=start or None) for s in seeds}
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // max(1, workers))), HF_HUB_OFFLINE="1")
-    did = {}
-    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(study.runs()), desc=study.name,
-                                                           disable=not progress) as bar:
-        futures = {pool.submit(run_one, study, a, s, root, world, env): (a.name, s) for a, s in study.runs()}
-        for f in as_completed(futures):
-            did[futures[f]] = f.result()
-            bar.update()
-    return collect(study, root, Path(results) / study.name) | {"did": did}
+    did, chosen, tried = {}, {a.name: {} for a in study.arms}, []
+
+    def run_all(jobs, desc): # jobs: (key, arm, seed, split, folder)
+        with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(jobs), desc=desc,
+                                                               disable=not progress) as bar:
+            futures = {pool.submit(run_one, study, a, s, root, world_dir(root, study, s), env, starts[s], split,
+                                   folder): key for key, a, s, split, folder in jobs}
+            for f in as_completed(futures):
+                did[futures[f]] = f.result()
+                bar.update()
+    if tuning:
+        run_all([((f"tune/{a.name}-{i}", s), Arm(a.name, a.preset, a.overrides | combo), s, "val", f"tune/{a.name}-{i}")
+                 for a in study.arms for i, combo in enumerate(tuning_grid(study, a)) for s in study.tune_seeds],
+                f"{study.name}: tuning")
+        for a in study.arms:
+            chosen[a.name], rows = choose(study, a, root)
+            tried += rows
+    tuned = Study.from_dict(study.to_dict() | {"arms": {a.name: {"preset": a.preset,
+                                                                "overrides": a.overrides | chosen[a.name]}
+                                                       for a in study.arms}}) if tuning else study
+    run_all([((a.name, s), a, s, "test", None) for a, s in tuned.runs()], study.name)
+    prov = provenance(wall_seconds=time.time() - t0, workers=workers)
+    out = collect(tuned, root, Path(results) / study.name, prov | {"precision": study.precision}, spec=spec,
+                  tuning=tried)
+    return out | {"did": did}
 
 # %% ../nbs/15_study.ipynb #15-012
-def interval(xs: Sequence[float], level: float = 0.95) -> dict:
-    "Mean, sample standard deviation and Student-t interval of `xs` (at least 2 values)."
-    n = len(xs)
-    if n < 2: raise ValueError(f"an interval needs at least 2 values, got {n}")
-    mean = sum(xs) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = float(student_t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+def competence(study: Study, summary: list[dict]) -> dict:
+    """The gate before any verdict: each competence metric's baseline mean over seeds against its bar; `met` only
+    when every bar is met."""
+    means = {r["metric"]: r for r in summary if r["arm"] == study.baseline}
+    bars = [{"metric": m, "bar": b, "baseline_mean": means[m]["mean"] if m in means else None,
+             "met": m in means and means[m]["mean"] >= b} for m, b in study.competence.items()]
+    return {"bars": bars, "met": bool(bars) and all(b["met"] for b in bars)}
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Per arm and metric: n, mean, std and the 95% interval over seeds,
-    from tidy rows (study, arm, seed, metric, value)."""
-    groups = {}
-    for r in rows: groups.setdefault((r["study"], r["arm"], r["metric"]), []).append(float(r["value"]))
-    return [{"study": s, "arm": a, "metric": m, **interval(v)} for (s, a, m), v in groups.items() if len(v) > 1]
-
-def paired_differences(rows: list[dict], baseline: str) -> list[dict]:
-    "Per arm and metric: the differences arm - baseline of runs with the same seed, with their mean and 95% interval."
-    by = {(r["arm"], r["metric"], int(r["seed"])): float(r["value"]) for r in rows}
-    study = rows[0]["study"] if rows else ""
+def judge(study: Study, summary: list[dict], paired: list[dict]) -> list[dict]:
+    """One row per arm and claimed metric: the paired difference and its interval, chance, the margin, p (Holm-adjusted
+    over every secondary row of the study) and the verdict. Where the baseline misses its competence bar every verdict
+    is 'untestable at this budget'; a pilot's verdicts are marked 'pilot: '."""
+    gate = competence(study, summary)
+    rows = [d for d in paired if d["metric"] in study.claims]
+    secondary = [d for d in rows if d["metric"] != study.primary]
+    adj = dict(zip(map(id, secondary), holm([paired_p(d) for d in secondary])))
+    base = {r["metric"]: r["mean"] for r in summary if r["arm"] == study.baseline}
+    n_test = study.world.get("n_test", 0)
     out = []
-    for arm in dict.fromkeys(r["arm"] for r in rows):
-        if arm == baseline: continue
-        for metric in dict.fromkeys(r["metric"] for r in rows):
-            seeds = sorted(s for (a, m, s) in by if a == arm and m == metric and (baseline, metric, s) in by)
-            if len(seeds) < 2: continue
-            d = [by[(arm, metric, s)] - by[(baseline, metric, s)] for s in seeds]
-            out.append({"study": study, "arm": arm, "baseline": baseline, "metric": metric,
-                        "seeds": " ".join(map(str, seeds)), **interval(d)})
-    return out
+    for d in rows:
+        m, primary = d["metric"], d["metric"] == study.primary
+        delta = study.delta if primary else study.margins.get(m)
+        p, p_adj = paired_p(d), (None if primary else adj[id(d)])
+        v = verdict(d, study.claims[m], delta, p_adj)
+        if study.competence and not gate["met"]: v = VERDICTS[-1]
+        if study.pilot: v = "pilot: " + v
+        out.append({"study": study.name, "arm": d["arm"], "metric": m, "role": "primary" if primary else "secondary",
+                    "claim": study.claims[m], "baseline_mean": base.get(m), "chance": study.chance.get(m,
+                    chance_level(m, n_test, base)), "mean": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
+                    "n": d["n"], "delta": delta, "p": p, "p_holm": p_adj, "verdict": v})
+    return sorted(out, key=lambda r: (r["role"] != "primary", r["arm"]))
 
-def verdict(diff: dict, direction: int = 1) -> str:
-    """'reproduces' when the interval of the difference lies on the claimed side of 0, 'opposite' on the other,
-    else 'inconclusive'."""
-    lo, hi = diff["ci_low"] * direction, diff["ci_high"] * direction
-    lo, hi = min(lo, hi), max(lo, hi)
-    return "reproduces" if lo > 0 else "opposite" if hi < 0 else "inconclusive"
-
-def _write_csv(path: Path, rows: list[dict]):
+def write_csv(path: Path, rows: list[dict]):
     buf = io.StringIO()
     if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
     atomic_write(path, buf.getvalue())
@@ -200,12 +309,27 @@ def read_csv(path) -> list[dict]:
     "Rows of a CSV the harness wrote (numbers as floats where they parse)."
     def num(v):
         try: return float(v)
-        except ValueError: return v
+        except (TypeError, ValueError): return v
     with open(path, newline="") as f: return [{k: num(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
-def collect(study: Study, root, out) -> dict:
-    """Gather finished runs into tidy tables under `out`: results.csv, summary.csv, paired.csv,
-    curves.csv (training loss)."""
+def _curves(log: Path, arm: str, seed: int) -> list[dict]:
+    "Training loss and every validation metric of a run's Lightning CSV log, one row per step and series."
+    out = []
+    for r in csv.DictReader(open(log)):
+        for k, v in r.items():
+            if v and (k == "train/loss" or k.startswith("val/")):
+                out.append({"arm": arm, "seed": seed, "step": int(r["step"]),
+                            "series": "loss" if k == "train/loss" else k, "value": float(v)})
+    return out
+
+def collect(study: Study, root, out, prov: Optional[dict] = None,
+            spec: Optional[Study] = None, # the spec as written, where `study` carries the values tuning chose
+            tuning: Sequence[dict] = (), # `choose`'s rows: every value tried, the chosen one marked
+           ) -> dict:
+    """Gather finished runs into tidy tables under `out`: results.csv, summary.csv, paired.csv, verdicts.csv,
+    curves.csv (training loss and validation metrics), tuning.csv, and study.json (the spec, its hash, the values
+    tuning chose and the provenance)."""
+    spec = spec or study
     rows, curves = [], []
     for arm, seed in study.runs():
         d = run_dir(root, arm.name, seed)
@@ -215,135 +339,86 @@ def collect(study: Study, root, out) -> dict:
             metrics = metrics | {"train_seconds": json.loads((d / "timing.json").read_text())["train_seconds"]}
         rows += [{"study": study.name, "arm": arm.name, "seed": seed, "metric": k, "value": float(v)}
                  for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        log = d / "logs" / "metrics.csv"
-        if log.exists():
-            for r in csv.DictReader(open(log)):
-                if r.get("train/loss"): curves.append({"arm": arm.name, "seed": seed, "step": int(r["step"]),
-                                                       "loss": float(r["train/loss"])})
+        if (log := d / "logs" / "metrics.csv").exists(): curves += _curves(log, arm.name, seed)
     summary, paired = summarise(rows), paired_differences(rows, study.baseline)
+    verdicts = judge(study, summary, paired)
     out = Path(out)
-    for name, table in (("results", rows), ("summary", summary), ("paired", paired), ("curves", curves)):
-        _write_csv(out / f"{name}.csv", table)
-    write_json(out / "study.json", {"name": study.name, "baseline": study.baseline, "seeds": study.seeds,
-                                    "model": study.model, "steps": study.steps, "batch_size": study.batch_size,
-                                    "world": study.world, "samples_seen": study.steps * study.batch_size,
-                                    "claims": study.claims,
-                                    "arms": {a.name: {"preset": a.preset, "overrides": a.overrides}
-                                             for a in study.arms}})
-    return {"results": rows, "summary": summary, "paired": paired, "curves": curves}
+    for name, table in (("results", rows), ("summary", summary), ("paired", paired), ("verdicts", verdicts),
+                        ("curves", curves), ("tuning", list(tuning))):
+        if table or name != "tuning": write_csv(out / f"{name}.csv", table)
+    write_json(out / "study.json", spec.to_dict() | {
+        "samples_seen": study.steps * study.batch_size, "spec_hash": spec.spec_hash(),
+        "train_seconds": round(sum(r["value"] for r in rows if r["metric"] == "train_seconds"), 1), # all runs
+        "tuned": {r["arm"]: json.loads(r["overrides"]) for r in tuning if r["chosen"]},
+        "gate": competence(study, summary), "provenance": prov or {}})
+    return {"results": rows, "summary": summary, "paired": paired, "verdicts": verdicts, "curves": curves}
 
 # %% ../nbs/15_study.ipynb #15-014a
+def _f(x, fmt="{:.3f}") -> str: return "-" if x is None or x == "" else fmt.format(x)
+
 def study_report(study: Study, out: dict, metrics: Optional[Sequence[str]] = None) -> str:
-    """The study's summary (mean and 95% interval per arm) and each arm's paired difference against the baseline,
-    with verdicts."""
-    metrics = list(metrics or study.claims or dict.fromkeys(r["metric"] for r in out["summary"]))
+    """The study's competence gate, its verdicts (primary first: difference, 95% interval, margin, Holm-adjusted p of
+    the secondaries, chance), then each metric's mean and interval per arm beside its chance level."""
+    n_test = study.world.get("n_test", 0)
+    base = {r["metric"]: r["mean"] for r in out["summary"] if r["arm"] == study.baseline}
     lines = [f"study {study.name}: {len(study.arms)} arms x {len(study.seeds)} seeds, {study.model}, "
-             f"{study.steps} steps x {study.batch_size} images ({study.steps * study.batch_size} samples seen)"]
+             f"{study.steps} steps x {study.batch_size} images ({study.steps * study.batch_size} samples seen)"
+             + (" [PILOT: not evidence]" if study.pilot else "")]
+    gate = competence(study, out["summary"])
+    for b in gate["bars"]:
+        lines.append(f"  competence: {study.baseline} {b['metric']} {_f(b['baseline_mean'])} against the bar "
+                     f"{b['bar']:.3f}: {'met' if b['met'] else 'MISSED: no verdict can be reached'}")
+    verdicts = out.get("verdicts") or judge(study, out["summary"], out["paired"])
+    if verdicts:
+        lines.append(f"  {'role':<9} {'arm - baseline':<22} {'metric':<36} {'chance':>6} "
+                     f"{'difference [95% interval]':>28} {'delta':>6} {'p(Holm)':>8}  verdict")
+        for v in verdicts:
+            lines.append(f"  {v['role']:<9} {v['arm'] + ' - ' + study.baseline:<22} {v['metric']:<36} "
+                         f"{_f(v['chance'], '{:.3f}'):>6} {v['mean']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] "
+                         f"{_f(v['delta']):>6} {_f(v['p_holm']):>8}  {v['verdict']}")
+    metrics = list(metrics or study.claims or dict.fromkeys(r["metric"] for r in out["summary"]))
     for m in metrics:
-        lines.append(f"  {m}")
+        lines.append(f"  {m} (chance {_f(study.chance.get(m, chance_level(m, n_test, base)))})")
         for r in out["summary"]:
             if r["metric"] == m: lines.append(f"    {r['arm']:<14} {r['mean']:8.4f}  "
                                               f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]  (n={r['n']})")
-        for d in out["paired"]:
-            if d["metric"] == m:
-                claim = study.claims.get(m)
-                v = f"  {verdict(d, claim)}" if claim else ""
-                lines.append(f"    {d['arm']} - {d['baseline']}: {d['mean']:+.4f}  "
-                             f"[{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]{v}")
     return "\n".join(lines)
 
-# %% ../nbs/15_study.ipynb #15-018
-def _pct(f: float) -> str: return f"{f * 100:g}%"
+# %% ../nbs/15_study.ipynb #15-014g
+def _claim(spec_path: Path) -> str:
+    "A spec's leading comment: what the paper claims, and how the study tests it."
+    lines = []
+    for line in spec_path.read_text().splitlines():
+        if not line.startswith("#"): break
+        lines.append(line.lstrip("# ").strip())
+    return " ".join(lines)
 
-@torch.no_grad()
-def cached_metrics(model, feats: dict, # a `towers` model, and its `cache_features` of a shapes world split
-                   records: list[dict]) -> dict:
-    """Retrieval recall@1 and @5 both ways (each image and its first caption) and zero-shot shape accuracy on the
-    single-object images ("a circle", ...), from cached features: no tower runs but the text tower on the prompts."""
-    from vlwb.eval import retrieval_recall
-    from vlwb.shapes import SHAPES
-    model.eval()
-    img = model.image_enc(feats["image_map"]).embed
-    sim = img @ model.text_enc(feats["text_hidden"], feats["text_ids"], feats["text_mask"].bool()).embed.T
-    got = retrieval_recall(sim, torch.arange(len(img)), 1) | retrieval_recall(sim, torch.arange(len(img)), 5)
-    single = [i for i, r in enumerate(records) if len(r["objects"]) == 1]
-    y = torch.tensor([SHAPES.index(records[i]["objects"][0]["shape"]) for i in single])
-    prompts = model.encode_text([f"a {s}" for s in SHAPES]).embed
-    got["zeroshot_shape_acc1"] = ((img[single] @ prompts.T).argmax(1) == y).float().mean().item()
-    return got
-
-def structure_study(out="studies/structure_vs_linear", # where results.csv, summary.csv, paired.csv, study.json go
-                    towers: str = "efficientnet-lite0+minilm", image_size: int = 96,
-                    world: Optional[dict] = None, # shapes world: n_train, n_test, seed
-                    fractions: Sequence[float] = (0.01, 0.1, 1.0), # of the training pairs
-                    seeds: Sequence[int] = (0, 1, 2),
-                    steps: int = 1000, batch_size: int = 256, embed_dim: int = 256,
-                    structure_weight: float = 10.0, warmup_steps: int = 250,
-                    runs="runs/studies/structure", # the world and the feature caches
-                    progress: bool = True) -> dict:
-    """STRUCTURE against plain linear alignment (`clip` alone) on frozen towers, at fractions of the training pairs, on
-    the layers mutual kNN chooses and on the last layers (once, when it chooses them); the heads train on cached
-    features. Every arm has the same steps and batch; tidy results, intervals over seeds, and STRUCTURE - linear paired
-    by seed."""
-    from vlwb.align import best_layers, layer_alignment
-    from vlwb.frozen import cache_features, fit_heads
-    from vlwb.models import create_model
-    from vlwb.records import read_records
-    from vlwb.shapes import generate_shapes_world
-    world = {"n_train": 3000, "n_test": 500, "seed": 0} | (world or {})
-    runs, out = Path(runs), Path(out)
-    paths = generate_shapes_world(runs / "world", n_train=world["n_train"], n_val=0, n_test=world["n_test"],
-                                  seed=world["seed"], max_objects=3, progress=progress, shard_size=0)
-    cache = runs / "cache"
-    make = lambda li=-1, lt=-1: create_model(f"towers:{towers}", image_size=image_size, embed_dim=embed_dim,
-                                             image_layer=li, text_layer=lt)
-    sel = cache_features(make(), paths["train"], cache, progress=progress)
-    n_sel = min(1000, world["n_train"]) # layer selection on a sample, as the official code does
-    def pooled(side): # every layer's pooled features, by layer index (a cache read back sorts its keys as text)
-        n = sum(k.startswith(f"{side}_pooled.") for k in sel)
-        return [sel[f"{side}_pooled.{i}"][:n_sel] for i in range(n)]
-    scores = layer_alignment(pooled("image"), pooled("text"))
-    chosen = best_layers(scores)
-    test_recs = read_records(paths["test"])
-    rows, objectives = [], {"linear": {"clip": 1.0},
-                            "structure": {"clip": 1.0, "structure": {"weight": structure_weight,
-                                                                     "warmup_steps": warmup_steps}}}
-    last = (scores.shape[0] - 1, scores.shape[1] - 1)
-    arms = [("last layers", last)] + ([("chosen layers", chosen)] if chosen != last else []) # the same pair: run once
-    bar = tqdm(total=len(arms) * len(fractions) * len(seeds) * len(objectives), desc="structure study",
-               disable=not progress)
-    for layers, (li, lt) in arms:
-        model = make(li, lt)
-        tr, te = (cache_features(model, paths[s], cache, progress=progress) for s in ("train", "test"))
-        n = len(tr["image_map"])
-        for frac in fractions:
-            for seed in seeds:
-                idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max(2, round(frac * n))]
-                sub = {k: v[idx] for k, v in tr.items() if isinstance(v, torch.Tensor)}
-                for name, obj in objectives.items():
-                    torch.manual_seed(seed)
-                    for head in (model.image_head, model.text_head):
-                        for m in head.modules():
-                            if hasattr(m, "reset_parameters"): m.reset_parameters()
-                    fit_heads(model, sub, obj, steps=steps, batch_size=batch_size, seed=seed, progress=False)
-                    got = cached_metrics(model, te, test_recs)
-                    arm = f"{name} / {layers} / {_pct(frac)}"
-                    rows += [{"study": "structure_vs_linear", "arm": arm, "seed": seed, "metric": k, "value": float(v)}
-                             for k, v in got.items()]
-                    bar.update()
-    bar.close()
-    paired = []
-    for layers, _ in arms:
-        for frac in fractions:
-            tag = f" / {layers} / {_pct(frac)}"
-            paired += paired_differences([r for r in rows if r["arm"].endswith(tag)], baseline="linear" + tag)
-    summary = summarise(rows)
-    for name, table in (("results", rows), ("summary", summary), ("paired", paired)):
-        _write_csv(out / f"{name}.csv", table)
-    info = {"name": "structure_vs_linear", "towers": towers, "image_size": image_size, "world": world,
-            "fractions": list(fractions), "seeds": list(seeds), "steps": steps, "batch_size": batch_size,
-            "embed_dim": embed_dim, "structure_weight": structure_weight, "warmup_steps": warmup_steps,
-            "chosen_layers": list(chosen), "last_layers": list(last),
-            "layer_scores": scores.tolist()}
-    write_json(out / "study.json", info)
-    return {"results": rows, "summary": summary, "paired": paired, "info": info}
+def study_index(results="studies", # committed studies: NAME/{summary,paired}.csv and study.json
+                specs=None, # their specs (default: results/specs)
+               ) -> str:
+    """A markdown table with one row per committed study that has a spec: claim, protocol, primary metric and margin,
+    the baseline's competence, the primary verdict with its interval, and the commit that made it."""
+    results = Path(results)
+    specs = Path(specs or results / "specs")
+    rows = ["| study | claim | protocol | primary (margin) | competence | verdict: difference [95% interval] "
+            "| commit |",
+            "|---|---|---|---|---|---|---|"]
+    for f in sorted(specs.glob("*.yaml")):
+        d = results / f.stem
+        if not (d / "summary.csv").exists(): continue
+        s = Study.load(f)
+        summary, paired = read_csv(d / "summary.csv"), read_csv(d / "paired.csv")
+        gate = competence(s, summary)
+        comp = "; ".join(f"{b['metric']} {_f(b['baseline_mean'])} (bar {b['bar']:g})" for b in gate["bars"])
+        prim = [v for v in judge(s, summary, paired) if v["role"] == "primary"]
+        verdicts = "<br>".join(f"{v['arm']}: {v['verdict']}: {v['mean']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
+                               for v in prim) or "-"
+        info = json.loads((d / "study.json").read_text()) if (d / "study.json").exists() else {}
+        commit = ((info.get("provenance") or {}).get("commit") or "not recorded")
+        commit = commit[:10] if commit != "not recorded" else commit
+        start = f", fine-tunes the shared `{s.start if isinstance(s.start, str) else s.start.get('name')}`" \
+            if s.start else ""
+        proto = f"{s.model}{start}, {s.steps} x {s.batch_size}, {len(s.seeds)} seeds" + (" (pilot)" if s.pilot else "")
+        rows.append(f"| `{s.name}` | {_claim(f)} | {proto} | {s.primary} ({_f(s.delta, '{:g}')}) | {comp} | "
+                    f"{verdicts} | {commit} |")
+    return "\n".join(rows) + "\n"

@@ -23,7 +23,7 @@ from .interpret import prepare
 # %% auto #0
 __all__ = ['data_uri', 'model_view', 'heatmap_figure', 'alignment_figure', 'attention_grid_figure', 'explanation_figure',
            'caption_scores', 'caption_comparison_figure', 'project_2d', 'embedding_scatter_figure', 'read_metrics_csv',
-           'training_curves_figure', 'alignment_grid_figure', 'study_figure', 'study_curves_figure']
+           'training_curves_figure', 'alignment_grid_figure', 'study_figure', 'study_curves_figure', 'static_figure']
 
 # %% ../nbs/08_viz.ipynb #08-017
 def data_uri(im: Image.Image) -> str:
@@ -307,16 +307,19 @@ def study_figure(summary: list[dict], # rows of `vlwb.study.summarise` (arm, met
                       title=dict(text="mean over seeds, 95% interval", y=0.97))
     return fig
 
-def study_curves_figure(curves: list[dict], # rows (arm, seed, step, loss) of a study's curves.csv
+def study_curves_figure(curves: list[dict], # rows (arm, seed, step, series, value) of a study's curves.csv
                         smooth: int = 10, # moving average over this many steps
+                        series: str = "loss", # "loss" (training), or a validation metric ("val/loss", ...)
                        ) -> go.Figure:
-    "Training loss of each arm: the mean over seeds as a line, one standard deviation as a band."
+    "One series of each arm's runs (the training loss by default): the mean over seeds as a line, one std as a band."
+    # tables written before validation joined them have a `loss` column and no `series`
+    curves = [r | {"value": r["loss"]} if "series" not in r else r for r in curves if r.get("series", "loss") == series]
     fig = go.Figure()
     arms = list(dict.fromkeys(r["arm"] for r in curves))
     for arm, colour in zip(arms, _cycle_colours(len(arms))):
         runs = {}
         for r in curves:
-            if r["arm"] == arm: runs.setdefault(r["seed"], {})[int(r["step"])] = float(r["loss"])
+            if r["arm"] == arm: runs.setdefault(r["seed"], {})[int(r["step"])] = float(r["value"])
         steps = sorted(set.intersection(*(set(v) for v in runs.values())))
         ys = np.array([[runs[s][t] for t in steps] for s in runs])
         if smooth > 1 and ys.shape[1] >= smooth:
@@ -326,10 +329,26 @@ def study_curves_figure(curves: list[dict], # rows (arm, seed, step, loss) of a 
         fig.add_scatter(x=steps + steps[::-1], y=list(mean + std) + list((mean - std)[::-1]), fill="toself",
                         fillcolor=colour, opacity=0.2, line=dict(width=0), hoverinfo="skip", showlegend=False)
         fig.add_scatter(x=steps, y=mean, name=f"{arm} ({len(runs)} seeds)", line=dict(color=colour))
-    fig.update_layout(height=340, width=620, xaxis_title="step", yaxis_title="training loss",
+    fig.update_layout(height=340, width=620, xaxis_title="step",
+                      yaxis_title="training loss" if series == "loss" else series,
                       margin=dict(t=30, b=10, l=10, r=10))
     return fig
 
 def _cycle_colours(n: int) -> list[str]:
     from plotly.colors import qualitative
     return [qualitative.Plotly[i % len(qualitative.Plotly)] for i in range(n)]
+
+# %% ../nbs/08_viz.ipynb #08-045
+_STATIC_WARNED = []
+
+def static_figure(fig: go.Figure, scale: float = 1.0, # pixels per figure unit
+                 ):
+    "`fig` as a PNG image for a notebook's saved output; the figure itself where it cannot be exported here."
+    from IPython.display import Image as Picture
+    try: return Picture(fig.to_image(format="png", scale=scale))
+    except Exception as e: # kaleido missing, or no Chromium for it to drive: many error types, one outcome
+        if not _STATIC_WARNED:
+            _STATIC_WARNED.append(e)
+            print(f"static_figure: no PNG export here ({type(e).__name__}: {str(e)[:120]}); "
+                  "the interactive figure instead")
+        return fig
