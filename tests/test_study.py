@@ -84,7 +84,7 @@ def test_killed_study_resumes_and_matches_an_uninterrupted_one(tmp_path):
 
 
 def test_paired_differences_pair_runs_by_seed():
-    from vlwb.study import paired_differences
+    from vlwb.verdicts import paired_differences
     rows = [{"study": "s", "arm": "a", "seed": s, "metric": "m", "value": v} for s, v in [(0, 1.0), (1, 5.0), (2, 3.0)]]
     rows += [{"study": "s", "arm": "b", "seed": s, "metric": "m", "value": v}
              for s, v in [(2, 3.5), (0, 1.5), (1, 5.5), (7, 9.0)]]
@@ -190,3 +190,21 @@ def test_tuning_on_validation_then_fine_tuning_from_a_shared_start(tmp_path):
         assert a[a.index("--model.lr") + 1] == json.dumps(chosen["model.lr"])
     assert json.loads((run_dir(root, "tune/clip-0", 7) / "run.json").read_text())["split"] == "val"
     assert info["spec_hash"] == s.spec_hash() and info["tune"] == {"model.lr": [1e-4, 3e-3]}
+
+
+def test_study_index_writes_one_row_per_committed_study(tmp_path):
+    "`vlwb study --index` over a copy of the committed studies: one row each, every verdict judged by its spec."
+    import shutil
+    from pathlib import Path
+    src = Path(__file__).resolve().parent.parent / "studies"
+    shutil.copytree(src, tmp_path / "studies", ignore=shutil.ignore_patterns("README.md"))
+    out = _cli("study", "--index", "--results", str(tmp_path / "studies"), stdout=subprocess.PIPE,
+               stderr=subprocess.PIPE, text=True)
+    stdout, stderr = out.communicate(timeout=120)
+    assert out.returncode == 0, stderr
+    page = (tmp_path / "studies" / "README.md").read_text()
+    judged = [f.stem for f in (src / "specs").glob("*.yaml") if (src / f.stem / "summary.csv").exists()]
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
+    assert sorted(r.split("`")[1] for r in rows) == sorted(judged), page
+    assert all(("untestable at this budget" in r) or ("reproduces" in r) or ("inconclusive" in r) or
+               ("opposite" in r) for r in rows), page

@@ -160,7 +160,7 @@ def main(argv=None):
                      "`15_study` defines it.\n\n" + study_index(a.results))
         print(f"wrote {path}")
     elif a.command == "study" and a.check:
-        from vlwb.study import check_studies, format_check
+        from vlwb.provenance import check_studies, format_check
         rows = check_studies(a.results)
         print(format_check(rows))
         return int(any(r["status"] != "current" for r in rows))

@@ -19,8 +19,8 @@ from .verdicts import VERDICTS, chance_level, holm, paired_differences, paired_p
 
 # %% auto #0
 __all__ = ['MIN_SEEDS', 'Arm', 'Study', 'run_dir', 'train_args', 'resume_checkpoint', 'world_dir', 'run_one', 'tuning_grid',
-           'choose', 'run_study', 'competence', 'judge', 'write_csv', 'read_csv', 'collect', 'study_report',
-           'study_index']
+           'choose', 'run_study', 'chance_of', 'competence', 'judge', 'write_csv', 'read_csv', 'collect',
+           'study_report', 'study_plot', 'study_index']
 
 # %% ../nbs/15_study.ipynb #15-006
 MIN_SEEDS = 5 # a study's verdicts need at least this many seeds, fixed in its spec before it runs
@@ -265,6 +265,12 @@ def run_study(study: Study, # what to run
     return out | {"did": did}
 
 # %% ../nbs/15_study.ipynb #15-012
+def chance_of(study: Study, metric: str, summary: list[dict]) -> Optional[float]:
+    "A metric's chance level in this study: the spec's `chance` where it names the metric, else `chance_level`'s."
+    if metric in study.chance: return study.chance[metric]
+    base = {r["metric"]: r["mean"] for r in summary if r["arm"] == study.baseline}
+    return chance_level(metric, study.world.get("n_test", 0), base)
+
 def competence(study: Study, summary: list[dict]) -> dict:
     """The gate before any verdict: each competence metric's baseline mean over seeds against its bar; `met` only
     when every bar is met."""
@@ -282,7 +288,6 @@ def judge(study: Study, summary: list[dict], paired: list[dict]) -> list[dict]:
     secondary = [d for d in rows if d["metric"] != study.primary]
     adj = dict(zip(map(id, secondary), holm([paired_p(d) for d in secondary])))
     base = {r["metric"]: r["mean"] for r in summary if r["arm"] == study.baseline}
-    n_test = study.world.get("n_test", 0)
     out = []
     for d in rows:
         m, primary = d["metric"], d["metric"] == study.primary
@@ -292,8 +297,8 @@ def judge(study: Study, summary: list[dict], paired: list[dict]) -> list[dict]:
         if study.competence and not gate["met"]: v = VERDICTS[-1]
         if study.pilot: v = "pilot: " + v
         out.append({"study": study.name, "arm": d["arm"], "metric": m, "role": "primary" if primary else "secondary",
-                    "claim": study.claims[m], "baseline_mean": base.get(m), "chance": study.chance.get(m,
-                    chance_level(m, n_test, base)), "mean": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
+                    "claim": study.claims[m], "baseline_mean": base.get(m), "chance": chance_of(study, m, summary),
+                    "mean": d["mean"], "ci_low": d["ci_low"], "ci_high": d["ci_high"],
                     "n": d["n"], "delta": delta, "p": p, "p_holm": p_adj, "verdict": v})
     return sorted(out, key=lambda r: (r["role"] != "primary", r["arm"]))
 
@@ -359,8 +364,6 @@ def _f(x, fmt="{:.3f}") -> str: return "-" if x is None or x == "" else fmt.form
 def study_report(study: Study, out: dict, metrics: Optional[Sequence[str]] = None) -> str:
     """The study's competence gate, its verdicts (primary first: difference, 95% interval, margin, Holm-adjusted p of
     the secondaries, chance), then each metric's mean and interval per arm beside its chance level."""
-    n_test = study.world.get("n_test", 0)
-    base = {r["metric"]: r["mean"] for r in out["summary"] if r["arm"] == study.baseline}
     lines = [f"study {study.name}: {len(study.arms)} arms x {len(study.seeds)} seeds, {study.model}, "
              f"{study.steps} steps x {study.batch_size} images ({study.steps * study.batch_size} samples seen)"
              + (" [PILOT: not evidence]" if study.pilot else "")]
@@ -378,11 +381,18 @@ def study_report(study: Study, out: dict, metrics: Optional[Sequence[str]] = Non
                          f"{_f(v['delta']):>6} {_f(v['p_holm']):>8}  {v['verdict']}")
     metrics = list(metrics or study.claims or dict.fromkeys(r["metric"] for r in out["summary"]))
     for m in metrics:
-        lines.append(f"  {m} (chance {_f(study.chance.get(m, chance_level(m, n_test, base)))})")
+        lines.append(f"  {m} (chance {_f(chance_of(study, m, out['summary']))})")
         for r in out["summary"]:
             if r["metric"] == m: lines.append(f"    {r['arm']:<14} {r['mean']:8.4f}  "
                                               f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]  (n={r['n']})")
     return "\n".join(lines)
+
+def study_plot(study: Study, summary: list[dict], metrics: Optional[Sequence[str]] = None):
+    "The study's figure (`vlwb.viz.study_figure`): its claimed metrics by default, each with its chance level."
+    from vlwb.viz import study_figure
+    metrics = list(metrics or study.claims)
+    return study_figure(summary, metrics, baseline=study.baseline,
+                        chance={m: chance_of(study, m, summary) for m in metrics})
 
 # %% ../nbs/15_study.ipynb #15-014g
 def _claim(spec_path: Path) -> str:

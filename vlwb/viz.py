@@ -286,11 +286,13 @@ def alignment_grid_figure(image: Image.Image, alignment: dict, per_row: int = 7,
     return fig
 
 # %% ../nbs/08_viz.ipynb #08-043b
-def study_figure(summary: list[dict], # rows of `vlwb.study.summarise` (arm, metric, mean, ci_low, ci_high)
+def study_figure(summary: list[dict], # rows of `vlwb.verdicts.summarise` (arm, metric, mean, ci_low, ci_high)
                  metrics: Sequence[str], # which metrics, one panel each
                  baseline: Optional[str] = None, # drawn first, in grey
+                 chance: Optional[dict] = None, # metric -> its chance level, drawn as a dotted line
                 ) -> go.Figure:
-    "A study's arms side by side per metric: the mean over seeds as a bar, the 95% interval as its error bar."
+    """A study's arms side by side per metric: the mean over seeds as a bar, the 95% interval as its error bar, chance
+    as a dotted line."""
     rows = [r for r in summary if r["metric"] in metrics]
     arms = list(dict.fromkeys([baseline] * bool(baseline) + [r["arm"] for r in rows]))
     fig = make_subplots(rows=1, cols=len(metrics), subplot_titles=list(metrics))
@@ -303,6 +305,9 @@ def study_figure(summary: list[dict], # rows of `vlwb.study.summarise` (arm, met
                     error_y=dict(type="data", symmetric=False, array=[by[a]["ci_high"] - by[a]["mean"] for a in xs],
                                  arrayminus=[by[a]["mean"] - by[a]["ci_low"] for a in xs]),
                     hovertemplate="%{x}: %{y:.3f}<extra>" + m + "</extra>", row=1, col=k + 1)
+        if (chance or {}).get(m) is not None:
+            fig.add_hline(y=chance[m], line_dash="dot", line_color="#444", row=1, col=k + 1,
+                          annotation_text="chance", annotation_position="top right", annotation_font_size=10)
     fig.update_layout(height=360, width=max(420, 260 * len(metrics)), margin=dict(t=70, b=10, l=10, r=10),
                       title=dict(text="mean over seeds, 95% interval", y=0.97))
     return fig
