@@ -424,8 +424,7 @@ def study_index(results="studies", # committed studies: NAME/{summary,paired}.cs
         verdicts = "<br>".join(f"{v['arm']}: {v['verdict']}: {v['mean']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
                                for v in prim) or "-"
         info = json.loads((d / "study.json").read_text()) if (d / "study.json").exists() else {}
-        commit = ((info.get("provenance") or {}).get("commit") or "not recorded")
-        commit = commit[:10] if commit != "not recorded" else commit
+        commit = ((info.get("provenance") or {}).get("commit") or "")[:10] or "not recorded"
         start = f", fine-tunes the shared `{s.start if isinstance(s.start, str) else s.start.get('name')}`" \
             if s.start else ""
         proto = f"{s.model}{start}, {s.steps} x {s.batch_size}, {len(s.seeds)} seeds" + (" (pilot)" if s.pilot else "")
